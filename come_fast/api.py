@@ -1,0 +1,197 @@
+"""The public surface: compress, save, load, load_model, evaluate.
+
+Validates input and raises clear errors; picks the method from the registry.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from . import methods
+from .adapters import adapter_for, count_parameters, layer_parameters
+from .calibration import calibration_tokens
+from .checkpoint import read_meta, save_checkpoint
+from .dispatch import Ops
+from .models import load_model
+
+
+@dataclass
+class CompressionResult:
+    model: Any
+    provenance: list
+    achieved_ratio: float
+    report: list
+    tokenizer: Any = None
+    method: str = "come"
+    settings: dict = field(default_factory=dict)
+    layers_before: int = 0
+    layers_after: int = 0
+    params_before: int = 0
+    params_after: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        return (f"{self.method}: {self.layers_before} -> {self.layers_after} layers, "
+                f"{self.params_before / 1e6:.1f}M -> {self.params_after / 1e6:.1f}M parameters "
+                f"({100 * self.achieved_ratio:.1f}% removed) in {self.seconds:.1f} s")
+
+
+class RatioError(ValueError):
+    pass
+
+
+def removals_for_ratio(model, ratio: float, rounding: str = "nearest") -> int:
+    """Whole-layer steps that meet ``ratio`` (removed / total parameters,
+    embeddings included). ``rounding``: "nearest" (default), "down" (remove at
+    most ``ratio``) or "up" (at least ``ratio``). The achieved ratio is reported."""
+    if not (isinstance(ratio, (int, float)) and 0 < ratio < 1) or math.isnan(ratio):
+        raise RatioError(f"ratio must be a number in (0, 1), got {ratio!r}")
+    a = adapter_for(model)
+    total = count_parameters(model)
+    per_layer = layer_parameters(a.layers[0])
+    exact = ratio * total / per_layer
+    k = {"nearest": round(exact), "down": math.floor(exact), "up": math.ceil(exact)}[rounding]
+    L = len(a.layers)
+    if k < 1:
+        raise RatioError(f"ratio {ratio} is less than one layer ({per_layer / total:.3%} of the parameters): nothing to remove")
+    if k > L - 1:
+        raise RatioError(f"ratio {ratio} would remove {k} of {L} layers: not reachable by depth compression")
+    return k
+
+
+def _find_tokenizer(model):
+    try:
+        from transformers import AutoTokenizer
+
+        src = getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None)
+        return AutoTokenizer.from_pretrained(src) if src else None
+    except Exception:
+        return None
+
+
+def _check_finite(model) -> None:
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise ValueError(f"model parameter {name} holds NaN or Inf: refusing to compress")
+
+
+def compress(model, ratio: float | None = None, method: str = "come", calib=None, target_layers: int | None = None, *,
+             tokenizer=None, faithful: bool = False, allow_repeat: bool = False, n_samples: int = 32,
+             seq_len: int = 256, batch_size: int = 2, backend: str = "auto", rounding: str = "nearest",
+             seed: int = 0, progress: bool | Any = False, **options) -> CompressionResult:
+    """Compress ``model`` in place by depth and return a ``CompressionResult``.
+
+    ``model``: a Hugging Face causal LM (Llama, Mistral, Qwen2, Qwen3) or a name
+    for ``load_model``. ``ratio`` (share of all parameters to remove) and
+    ``target_layers`` are alternatives. ``calib``: see ``calibration_tokens``.
+    ``faithful=True`` reproduces the authors' release decision for decision,
+    quirks included; the default fixes its GQA head grouping.
+    """
+    if isinstance(model, (str, os.PathLike)):
+        model, tok = load_model(model)
+        tokenizer = tokenizer or tok
+    a = adapter_for(model)
+    if (ratio is None) == (target_layers is None):
+        raise RatioError("give exactly one of ratio= and target_layers=")
+    L = len(a.layers)
+    if target_layers is not None:
+        if not (isinstance(target_layers, int) and 1 <= target_layers < L):
+            raise RatioError(f"target_layers must be an integer in [1, {L - 1}] for a {L}-layer model, got {target_layers!r}")
+        n_remove = L - target_layers
+    else:
+        n_remove = removals_for_ratio(model, ratio, rounding)
+    if method in ("come", "come-p") and not allow_repeat and n_remove > L // 2:
+        raise RatioError(f"{n_remove} merges of {L} layers need a layer to merge twice; "
+                         "pass allow_repeat=True or ask for less")
+    fn = methods.get(method)
+    _check_finite(model)
+    tokenizer = tokenizer if tokenizer is not None else _find_tokenizer(model)
+    t0 = time.perf_counter()
+    tokens = calibration_tokens(calib, model, tokenizer, n_samples, seq_len, seed)
+    device = next(model.parameters()).device
+    ops = Ops(backend, device)
+    bar = _progress(progress)
+    ctx = methods.Context(adapter=a, tokens=tokens, ops=ops, batch_size=batch_size,
+                          options={"faithful": faithful, "allow_repeat": allow_repeat, **options}, progress=bar)
+    params_before = count_parameters(model)
+    model.eval()
+    outcome = fn(ctx, n_remove)
+    if hasattr(bar, "close"):
+        bar.close()
+    params_after = count_parameters(model)
+    settings = {**outcome.settings, "method": method, "backend": ops.backend, "calibration": list(tokens.shape),
+                "batch_size": batch_size, "seed": seed}
+    return CompressionResult(model=model, provenance=outcome.provenance,
+                             achieved_ratio=(params_before - params_after) / params_before, report=outcome.steps,
+                             tokenizer=tokenizer, method=method, settings=settings, layers_before=L,
+                             layers_after=len(a.layers), params_before=params_before, params_after=params_after,
+                             seconds=time.perf_counter() - t0)
+
+
+class _Bars:
+    """One tqdm bar per label (merges, layers scored)."""
+
+    def __init__(self):
+        from tqdm.auto import tqdm
+
+        self.tqdm = tqdm
+        self.bars = {}
+
+    def __call__(self, label: str, done: int, total: int) -> None:
+        bar = self.bars.get(label)
+        if bar is None or bar.total != total or done < bar.n:
+            if bar is not None:
+                bar.close()
+            bar = self.bars[label] = self.tqdm(total=total, desc=label, leave=label == "merges",
+                                               position=0 if label == "merges" else 1)
+        bar.update(done - bar.n)
+
+    def close(self):
+        for b in self.bars.values():
+            b.close()
+
+
+def _progress(progress):
+    if progress is True:
+        return _Bars()
+    if callable(progress):
+        return progress
+    return None
+
+
+def save(result: CompressionResult, out_dir, overwrite: bool = False, tokenizer=None):
+    """Write a standard Hugging Face checkpoint (atomically)."""
+    meta = {"method": result.method, "provenance": result.provenance, "achieved_ratio": result.achieved_ratio,
+            "layers_before": result.layers_before, "layers_after": result.layers_after,
+            "params_before": result.params_before, "params_after": result.params_after,
+            "settings": result.settings, "seconds": result.seconds}
+    return save_checkpoint(result.model, tokenizer or result.tokenizer, out_dir, meta, result.report, overwrite)
+
+
+def load(path, dtype: torch.dtype = torch.float32, device="cpu"):
+    """Load a checkpoint written by ``save`` (or any supported HF folder):
+    returns ``(model, tokenizer, meta)``; meta is None for a foreign folder."""
+    model, tok = load_model(path, dtype=dtype, device=device)
+    return model, tok, read_meta(path) if os.path.isdir(str(path)) else None
+
+
+def evaluate(model, tasks=None, data_dir=None, limit: int | None = None, tokenizer=None, **kwargs) -> dict:
+    """WikiText-2 perplexity and the seven zero-shot tasks (see come_fast.eval)."""
+    from . import eval as ev
+
+    if isinstance(model, (str, os.PathLike)):
+        model, tok = load_model(model)
+        tokenizer = tokenizer or tok
+    if tokenizer is None:
+        tokenizer = _find_tokenizer(model)
+    if data_dir is None:
+        raise ValueError("evaluate needs data_dir=, the folder holding wikitext2/, piqa/, ... (see README)")
+    kw = dict(kwargs)
+    if tasks is not None:
+        kw["tasks"] = tasks
+    return ev.evaluate(model, tokenizer, data_dir=data_dir, limit=limit, **kw)

@@ -1,0 +1,325 @@
+"""Calibration: token batches in, per-layer running statistics out.
+
+Two pieces:
+- ``calibration_tokens``: turns whatever the caller passes (a LongTensor, a
+  safetensors/.txt/.jsonl path, a dataset name, or None for the embedded
+  default) into a fixed LongTensor [n, seq_len].
+- ``LayerStream``: runs the decoder one layer at a time over those batches
+  (the GPTQ-style streaming order) and keeps the hidden states at layer
+  boundaries, so that after a merge at layer l only layers l.. are re-run:
+  everything below sees unchanged inputs. Statistics are running sums filled
+  by forward pre-hooks on o_proj and down_proj; no activations inside a layer
+  are kept, and no logits are computed.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .adapters import Adapter
+from .dispatch import Ops
+
+
+class CalibrationError(ValueError):
+    pass
+
+
+# -- tokens -----------------------------------------------------------------------------
+
+def _tokens_from_text(text: str, tokenizer, n: int, seq_len: int, source: str) -> torch.Tensor:
+    if tokenizer is None:
+        raise CalibrationError(f"calibration from text ({source}) needs the model's tokenizer")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    need = n * seq_len
+    if len(ids) < need:
+        raise CalibrationError(
+            f"calibration data {source} is too short: {len(ids)} tokens, need {n} x {seq_len} = {need}; "
+            "pass fewer or shorter sequences (n_samples, seq_len) or more text"
+        )
+    # consecutive, non-overlapping rows, the layout of the reference fixture
+    return torch.tensor(ids[:need], dtype=torch.long).reshape(n, seq_len)
+
+
+def _read_docs(path: Path) -> list[str]:
+    import datasets
+
+    kind = "json" if path.suffix == ".jsonl" else "text"
+    kwargs = {} if kind == "json" else {"sample_by": "document"}
+    ds = datasets.load_dataset(kind, data_files=str(path), split="train", **kwargs)
+    if "text" not in ds.column_names:
+        raise CalibrationError(f"{path} has no 'text' field (fields: {ds.column_names})")
+    return [t for t in ds["text"] if t]
+
+
+def sample_from_model(model, tokenizer, n: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    """Sequences sampled from the model itself (temperature 1, no top-k/top-p),
+    each started from the BOS token, which is then dropped. Deterministic for a
+    seed. Needs no data at all; cached on disk by ``default_calibration``."""
+    bos = None
+    if tokenizer is not None:
+        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    bos = 0 if bos is None else bos
+    g = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    out = torch.empty(n, seq_len, dtype=torch.long)
+    from transformers import DynamicCache
+
+    with torch.inference_mode():
+        cache = DynamicCache(config=model.config)
+        cur = torch.full((n, 1), bos, dtype=torch.long, device=device)
+        for t in range(seq_len):
+            logits = model(input_ids=cur, past_key_values=cache, use_cache=True).logits[:, -1].float()
+            probs = torch.softmax(logits, -1).cpu()
+            nxt = torch.multinomial(probs, 1, generator=g)
+            out[:, t] = nxt[:, 0]
+            cur = nxt.to(device)
+    return out
+
+
+def _model_fingerprint(model) -> str:
+    h = hashlib.sha256()
+    h.update(repr(sorted(model.config.to_dict().items(), key=lambda kv: kv[0])).encode())
+    w = model.get_input_embeddings().weight
+    h.update(w.detach().flatten()[:4096].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def default_calibration(model, tokenizer, n: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    from .models import cache_dir
+    from safetensors.torch import load_file, save_file
+
+    path = cache_dir() / "calibration" / f"sampled-{_model_fingerprint(model)}-{n}x{seq_len}-s{seed}.safetensors"
+    if path.is_file():
+        return load_file(str(path))["input_ids"]
+    ids = sample_from_model(model, tokenizer, n, seq_len, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({"input_ids": ids.contiguous()}, str(tmp))
+    os.replace(tmp, path)
+    return ids
+
+
+def calibration_tokens(calib, model, tokenizer, n_samples: int = 32, seq_len: int = 256, seed: int = 0) -> torch.Tensor:
+    """Fixed calibration batches as a LongTensor [n, seq_len].
+
+    calib: LongTensor [n, seq_len] (used as is); a path to a .safetensors file
+    with key ``input_ids`` (as is), a .txt file or a .jsonl file with a ``text``
+    field (documents joined by a blank line, tokenized, cut into consecutive
+    rows); a dataset name (hub, where reachable; its ``text`` field); or None
+    for the embedded default (sequences sampled from the model itself).
+    """
+    if calib is None:
+        return default_calibration(model, tokenizer, n_samples, seq_len, seed)
+    if isinstance(calib, torch.Tensor):
+        ids = calib
+    else:
+        p = Path(os.fspath(calib)).expanduser()
+        if p.suffix == ".safetensors":
+            if not p.is_file():
+                raise CalibrationError(f"calibration file {p} does not exist")
+            from safetensors.torch import load_file
+
+            d = load_file(str(p))
+            if "input_ids" not in d:
+                raise CalibrationError(f"{p} has no tensor 'input_ids' (keys: {sorted(d)})")
+            ids = d["input_ids"]
+        elif p.suffix in (".txt", ".jsonl", ".json"):
+            if not p.is_file():
+                raise CalibrationError(f"calibration file {p} does not exist")
+            docs = _read_docs(p)
+            return _tokens_from_text("\n\n".join(docs), tokenizer, n_samples, seq_len, str(p))
+        elif p.exists():
+            raise CalibrationError(f"calibration file {p}: unknown type (use .safetensors, .txt or .jsonl)")
+        else:
+            try:
+                import datasets
+
+                ds = datasets.load_dataset(str(calib), split="train", streaming=True)
+                docs, total = [], 0
+                for row in ds:
+                    docs.append(row["text"])
+                    total += len(row["text"])
+                    if total > n_samples * seq_len * 8:
+                        break
+            except Exception as e:
+                raise CalibrationError(
+                    f"calibration {calib!r} is neither an existing file nor a reachable dataset ({e.__class__.__name__}: {e})"
+                ) from None
+            return _tokens_from_text("\n\n".join(docs), tokenizer, n_samples, seq_len, str(calib))
+    if ids.dtype not in (torch.int64, torch.int32) or ids.dim() != 2:
+        raise CalibrationError(f"calibration tokens must be an integer tensor [n, seq_len], got {tuple(ids.shape)} {ids.dtype}")
+    if ids.shape[0] < 1 or ids.shape[1] < 2:
+        raise CalibrationError(f"calibration tokens {tuple(ids.shape)}: need at least 1 sequence of 2 tokens")
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if int(ids.max()) >= vocab or int(ids.min()) < 0:
+        raise CalibrationError(f"calibration token ids outside the model's vocabulary [0, {vocab})")
+    return ids.long()
+
+
+# -- streaming statistics -----------------------------------------------------------------
+
+@dataclass
+class LayerStats:
+    """Running sums of one layer over all calibration tokens."""
+
+    n_tokens: int = 0
+    att_abs: Optional[torch.Tensor] = None  # [H*h] sum |o_c|, input of o_proj
+    mlp_abs: Optional[torch.Tensor] = None  # [I]   sum |a_j|, input of down_proj
+    bi_sum: float = 0.0                     # sum over tokens of 1 - clamp(cos(x_l, x_l+1))
+
+
+def cosine_rows(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """cos of matching rows of [.., d] tensors, NaN (zero vectors) read as 0.5,
+    clamped to [0, 1], as the release's block influence does."""
+    x = x.reshape(-1, x.shape[-1]).float()
+    y = y.reshape(-1, y.shape[-1]).float()
+    sim = (x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1))
+    return sim.nan_to_num(nan=0.5).clamp(0, 1)
+
+
+class LayerStream:
+    """Layer-by-layer forward over fixed calibration batches with cached boundaries.
+
+    ``final_norm_last``: the boundary after the last layer is taken after the
+    model's final norm, as ``hidden_states[-1]`` is in Hugging Face (the
+    release's scores use it; faithful mode keeps it).
+    """
+
+    def __init__(self, adapter: Adapter, tokens: torch.Tensor, batch_size: int = 2, ops: Ops | None = None,
+                 final_norm_last: bool = True, max_cache_bytes: int | None = None, progress=None):
+        self.adapter = adapter
+        self.tokens = tokens
+        self.bs = batch_size
+        self.ops = ops or Ops("torch")
+        self.final_norm_last = final_norm_last
+        self.progress = progress
+        model = adapter.model
+        self.device = next(model.parameters()).device
+        n, T = tokens.shape
+        self.n, self.T = n, T
+        with torch.inference_mode():
+            x0 = torch.cat([adapter.embed(tokens[i:i + batch_size].to(self.device)) for i in range(0, n, batch_size)])
+            pos = torch.arange(T, device=self.device)[None]
+            self.position_embeddings = {}
+            for b in sorted({min(batch_size, n - i) for i in range(0, n, batch_size)}):
+                self.position_embeddings[b] = adapter.rotary(x0[:b], pos.expand(b, -1))
+            self.position_ids = pos
+        per = x0.numel() * x0.element_size()
+        L = len(adapter.layers)
+        if max_cache_bytes is None:
+            self.cache_every = 1
+        else:
+            self.cache_every = max(1, math.ceil(per * (L + 1) / max(max_cache_bytes, per)))
+        self.boundary: dict[int, torch.Tensor] = {0: x0}
+        self.last_token: list[Optional[torch.Tensor]] = [x0[:, -1].float().clone()] + [None] * L
+        self.stats: list[Optional[LayerStats]] = [None] * L
+        self.layer_seconds = 0.0
+        self.layers_run = 0
+
+    # structure changes ------------------------------------------------------------
+    def merged(self, l: int) -> None:
+        """Layers l and l+1 became one layer l: forget what depended on them."""
+        L = len(self.stats)
+        self.stats = self.stats[:l] + [None] + self.stats[l + 2:]
+        self.last_token = self.last_token[:l + 1] + [None] * (L - 1 - l)
+        self.boundary = {k: v for k, v in self.boundary.items() if k <= l}
+
+    # running ------------------------------------------------------------------------
+    def _layer_forward(self, layer, x: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for i in range(0, self.n, self.bs):
+            xb = x[i:i + self.bs]
+            pe = self.position_embeddings[xb.shape[0]]
+            outs.append(layer(xb, attention_mask=None, position_ids=self.position_ids.expand(xb.shape[0], -1),
+                              position_embeddings=pe))
+        return torch.cat(outs)
+
+    def run(self, start: int = 0, stop: int | None = None, collect: bool = True) -> None:
+        """(Re)compute boundaries and statistics of layers start..stop-1."""
+        import time
+
+        a = self.adapter
+        layers = a.layers
+        L = len(layers)
+        stop = L if stop is None else stop
+        begin = max(k for k in self.boundary if k <= start)
+        x = self.boundary[begin]
+        with torch.inference_mode():
+            for l in range(begin, stop):
+                t0 = time.perf_counter()
+                layer = layers[l]
+                st = LayerStats(n_tokens=self.n * self.T)
+                handles = []
+                if collect:
+                    o, down = a.part(layer, "o"), a.part(layer, "down")
+                    st.att_abs = torch.zeros(o.in_features, dtype=torch.float32, device=self.device)
+                    st.mlp_abs = torch.zeros(down.in_features, dtype=torch.float32, device=self.device)
+                    handles.append(o.register_forward_pre_hook(lambda m, args, acc=st.att_abs: self.ops.accumulate_abs_(args[0], acc)))
+                    handles.append(down.register_forward_pre_hook(lambda m, args, acc=st.mlp_abs: self.ops.accumulate_abs_(args[0], acc)))
+                try:
+                    y = self._layer_forward(layer, x)
+                finally:
+                    for h in handles:
+                        h.remove()
+                y_b = a.final_norm(y) if (l == L - 1 and self.final_norm_last) else y
+                if collect:
+                    bi = 0.0
+                    for i in range(0, self.n, self.bs):
+                        # per batch, summed in float64 like the release
+                        bi += float((1 - cosine_rows(x[i:i + self.bs], y_b[i:i + self.bs])).sum())
+                    st.bi_sum = bi
+                    self.stats[l] = st
+                self.last_token[l + 1] = y_b[:, -1].float().clone()
+                if (l + 1) % self.cache_every == 0 or l + 1 == L:
+                    self.boundary[l + 1] = y_b if l + 1 == L else y
+                x = y
+                self.layer_seconds += time.perf_counter() - t0
+                self.layers_run += 1
+                if self.progress is not None:
+                    self.progress(l)
+
+    def input_of(self, l: int) -> torch.Tensor:
+        """The hidden state entering layer l, from the nearest cached boundary."""
+        begin = max(k for k in self.boundary if k <= l)
+        x = self.boundary[begin]
+        with torch.inference_mode():
+            for k in range(begin, l):
+                x = self._layer_forward(self.adapter.layers[k], x)
+        return x
+
+    def loss_with(self, start: int, layers: list) -> float:
+        """Calibration LM loss (mean next-token cross-entropy) when layers
+        start.. are replaced by ``layers``; the stream itself is not changed."""
+        a = self.adapter
+        x = self.input_of(start)
+        total, count = 0.0, 0
+        with torch.inference_mode():
+            for layer in layers:
+                x = self._layer_forward(layer, x)
+            for i in range(0, self.n, self.bs):
+                h = a.final_norm(x[i:i + self.bs])[:, :-1]
+                logits = a.lm_head(h).float()
+                tgt = self.tokens[i:i + self.bs, 1:].to(self.device)
+                total += float(torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="sum"))
+                count += tgt.numel()
+        return total / count
+
+    def output(self) -> torch.Tensor:
+        """The last boundary (after the final norm when final_norm_last)."""
+        return self.boundary[len(self.adapter.layers)]
+
+    def pair_distance(self) -> list[float]:
+        """D[l] = sum over sequences of arccos(clamp(cos(x_l[-1], x_l+2[-1])))/pi."""
+        L = len(self.adapter.layers)
+        out = []
+        for l in range(L - 1):
+            x, y = self.last_token[l], self.last_token[l + 2]
+            out.append(float((torch.arccos(cosine_rows(x, y)) / math.pi).sum()))
+        return out

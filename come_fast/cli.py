@@ -1,0 +1,127 @@
+"""Command line: ``come-fast compress`` and ``come-fast eval``. Calls the API only."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def _default_data_dir() -> str | None:
+    env = os.environ.get("COME_FAST_DATA")
+    if env:
+        return env
+    for cand in (Path.cwd() / ".." / "shared" / "data", Path(__file__).resolve().parents[2] / "shared" / "data"):
+        if cand.is_dir():
+            return str(cand.resolve())
+    return None
+
+
+def _compress(args) -> int:
+    import torch
+
+    from . import api, methods
+    from .models import load_model
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"output folder {out} exists; choose another or pass --overwrite")
+    if args.method not in methods.available():
+        raise ValueError(f"unknown method {args.method!r}; available: {', '.join(methods.available())}")
+    t0 = time.perf_counter()
+    model, tok = load_model(args.model)
+    print(f"loaded {args.model}: {model.config.num_hidden_layers} layers "
+          f"({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) in {time.perf_counter() - t0:.1f} s")
+    res = api.compress(model, ratio=args.ratio, target_layers=args.target_layers, method=args.method,
+                       calib=args.calib, tokenizer=tok, faithful=args.faithful, allow_repeat=args.allow_repeat,
+                       n_samples=args.n_samples, seq_len=args.seq_len, batch_size=args.batch_size,
+                       backend=args.backend, rounding=args.rounding, seed=args.seed, progress=not args.quiet)
+    print(res.summary())
+    print(f"provenance: {json.dumps(res.provenance)}")
+    path = api.save(res, out, overwrite=args.overwrite)
+    print(f"saved to {path} (load with transformers.AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def _eval(args) -> int:
+    from . import api
+    from .eval import to_markdown
+
+    data_dir = args.data_dir or _default_data_dir()
+    if data_dir is None or not Path(data_dir).is_dir():
+        raise FileNotFoundError(f"data folder {data_dir!r} not found: pass --data-dir (the folder with wikitext2/, piqa/, ...)")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    model, tok, meta = api.load(args.model)
+    res = api.evaluate(model, tasks=tasks, data_dir=data_dir, limit=args.limit, tokenizer=tok,
+                       progress=not args.quiet)
+    name = args.name or str(args.model)
+    print(to_markdown({name: res}))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(out.suffix + ".tmp")
+        tmp.write_text(json.dumps({name: res}, indent=1))
+        os.replace(tmp, out)
+        out.with_suffix(".md").write_text(to_markdown({name: res}) + "\n")
+        print(f"wrote {out} and {out.with_suffix('.md')}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="come-fast", description="Depth compression of Hugging Face causal LMs.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    c = sub.add_parser("compress", help="compress a model and save a Hugging Face checkpoint")
+    c.add_argument("--model", default="smollm2-135m", help="smollm2-135m (embedded), a local folder or a hub id")
+    g = c.add_mutually_exclusive_group(required=True)
+    g.add_argument("--ratio", type=float, help="share of all parameters to remove, in (0, 1)")
+    g.add_argument("--target-layers", type=int, help="number of decoder layers to keep")
+    c.add_argument("--method", default="come")
+    c.add_argument("--faithful", action="store_true", help="reproduce the authors' release, quirks included")
+    c.add_argument("--allow-repeat", action="store_true", help="let a merged layer merge again")
+    c.add_argument("--calib", default=None,
+                   help="calibration: .safetensors (input_ids), .txt, .jsonl, a dataset name; default: sampled from the model")
+    c.add_argument("--n-samples", type=int, default=32)
+    c.add_argument("--seq-len", type=int, default=256)
+    c.add_argument("--batch-size", type=int, default=2)
+    c.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"])
+    c.add_argument("--rounding", default="nearest", choices=["nearest", "down", "up"],
+                   help="how --ratio is met with whole layers")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--threads", type=int, default=None)
+    c.add_argument("--out", required=True)
+    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(fn=_compress)
+
+    e = sub.add_parser("eval", help="WikiText-2 perplexity and zero-shot tasks")
+    e.add_argument("--model", required=True)
+    e.add_argument("--tasks", default=None, help="comma-separated; default: wikitext2 and the seven tasks")
+    e.add_argument("--limit", type=int, default=None, help="first N examples per task (200 = the dev slice)")
+    e.add_argument("--data-dir", default=None, help="folder with wikitext2/, piqa/, ... (default: ../shared/data)")
+    e.add_argument("--name", default=None)
+    e.add_argument("--out", default=None, help="write JSON (and a .md table beside it)")
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(fn=_eval)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, FileExistsError, OSError, RuntimeError) as e:
+        if os.environ.get("COME_FAST_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

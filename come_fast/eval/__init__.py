@@ -1,0 +1,215 @@
+"""Evaluation harness: WikiText-2 perplexity and seven zero-shot tasks.
+
+``evaluate(model, tokenizer, data_dir=...)`` runs everything and returns a
+JSON-serialisable dict; ``to_markdown({"dense": r0, "pruned": r1})`` makes the
+comparison table; ``above_chance_share(result, dense_result)`` gives the metric
+docs/evaluation.md asks for beside the retained average accuracy.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterable, Mapping, Optional
+
+from .perplexity import WIKITEXT2_TEST, wikitext2_perplexity, wikitext2_perplexity_details
+from .tasks import TASKS, check_files, evaluate_task, get_task, load_examples
+
+PERPLEXITY_TASK = "wikitext2"
+ZERO_SHOT_TASKS = tuple(TASKS)  # piqa, hellaswag, winogrande, arc_easy, arc_challenge, boolq, openbookqa
+ALL_TASKS = (PERPLEXITY_TASK,) + ZERO_SHOT_TASKS
+KNOWN_TASKS = ALL_TASKS
+
+__all__ = [
+    "ALL_TASKS", "ZERO_SHOT_TASKS", "TASKS", "evaluate", "evaluate_task", "wikitext2_perplexity",
+    "above_chance_share", "to_markdown", "write_json_atomic", "default_data_dir", "load_examples",
+]
+
+
+def default_data_dir() -> Path:
+    """``$COME_FAST_DATA_DIR`` if set, else ``shared/data`` next to the repository."""
+    env = os.environ.get("COME_FAST_DATA_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
+def _check_task_names(tasks: Iterable[str]) -> list[str]:
+    names = list(tasks)
+    unknown = [t for t in names if t not in ALL_TASKS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {', '.join(map(repr, unknown))}; known tasks: {', '.join(ALL_TASKS)}")
+    return names
+
+
+def _check_data(tasks: Iterable[str], data_dir: Path) -> None:
+    # Fail before any model time is spent, naming the missing file.
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"data directory not found: {data_dir}")
+    for name in tasks:
+        if name == PERPLEXITY_TASK:
+            path = data_dir / WIKITEXT2_TEST
+            if not path.is_file():
+                raise FileNotFoundError(f"data file for task 'wikitext2' not found: {path}")
+        else:
+            check_files(name, data_dir)
+
+
+def evaluate(model, tokenizer, tasks: Iterable[str] = ALL_TASKS, data_dir=None, limit: Optional[int] = None,
+             ppl_windows: Optional[int] = 40, progress: bool = True, baseline: Optional[Mapping] = None,
+             ppl_seq_len: int = 512) -> dict:
+    """Evaluate ``model`` on ``tasks``.
+
+    ``limit=N`` keeps the first N examples of each zero-shot task (the dev slice
+    is 200); ``ppl_windows`` is the number of 512-token WikiText-2 windows
+    (None: the whole test set). With ``baseline`` (an earlier result of this
+    function for the dense model) the result also carries the above-chance share.
+
+    Returns::
+
+        {"tasks": {"wikitext2": {"ppl", "windows", "tokens", "seconds"},
+                   "piqa": {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n",
+                            "headline", "chance", "seconds"}, ...},
+         "average": {"headline": mean headline metric, "chance": ..., "tasks": [...]},
+         "above_chance": {...}            # only with baseline
+         "config": {...}, "seconds": total}
+    """
+    names = _check_task_names(tasks)
+    data_dir = Path(default_data_dir() if data_dir is None else data_dir)
+    _check_data(names, data_dir)
+    start = time.perf_counter()
+    per_task = {}
+    for name in names:
+        if name == PERPLEXITY_TASK:
+            t0 = time.perf_counter()
+            d = wikitext2_perplexity_details(model, tokenizer, data_dir, seq_len=ppl_seq_len, windows=ppl_windows,
+                                             progress=progress)
+            per_task[name] = {"ppl": d["ppl"], "windows": d["windows"], "tokens": d["tokens"],
+                              "seconds": round(time.perf_counter() - t0, 3)}
+        else:
+            per_task[name] = evaluate_task(model, tokenizer, name, data_dir, limit=limit, progress=progress)
+    result = {"tasks": per_task}
+    avg = average_accuracy(result)
+    if avg is not None:
+        result["average"] = avg
+    if baseline is not None:
+        result["above_chance"] = above_chance_share(result, baseline)
+    result["config"] = {"limit": limit, "ppl_windows": ppl_windows, "ppl_seq_len": ppl_seq_len,
+                        "data_dir": str(data_dir)}
+    result["seconds"] = round(time.perf_counter() - start, 3)
+    return result
+
+
+def _headline(task_result: Mapping) -> float:
+    return task_result[task_result["headline"]]
+
+
+def average_accuracy(result: Mapping) -> Optional[dict]:
+    """Mean headline metric over the zero-shot tasks present (None if none)."""
+    zs = [t for t in ZERO_SHOT_TASKS if t in result["tasks"]]
+    if not zs:
+        return None
+    return {"headline": sum(_headline(result["tasks"][t]) for t in zs) / len(zs),
+            "chance": sum(get_task(t).chance for t in zs) / len(zs), "tasks": zs}
+
+
+def above_chance_share(result: Mapping, baseline: Mapping) -> dict:
+    """(acc - chance) / (dense acc - chance) per task, on the headline metric.
+
+    ``per_task[t]`` is None where the dense model is not above chance (the ratio
+    means nothing there). ``mean`` averages the defined per-task shares;
+    ``of_average`` is the same ratio on the task-averaged accuracies, which is
+    steadier when a task's dense margin over chance is tiny (WinoGrande).
+    ``retained`` is the papers' retained average accuracy (avg / dense avg).
+    """
+    per_task = {}
+    tasks = [t for t in ZERO_SHOT_TASKS if t in result["tasks"] and t in baseline["tasks"]]
+    for t in tasks:
+        chance = get_task(t).chance
+        margin = _headline(baseline["tasks"][t]) - chance
+        per_task[t] = (_headline(result["tasks"][t]) - chance) / margin if margin > 0 else None
+    defined = [v for v in per_task.values() if v is not None]
+    out = {"per_task": per_task, "mean": sum(defined) / len(defined) if defined else None,
+           "of_average": None, "retained": None}
+    if tasks:
+        acc = sum(_headline(result["tasks"][t]) for t in tasks) / len(tasks)
+        dense = sum(_headline(baseline["tasks"][t]) for t in tasks) / len(tasks)
+        chance = sum(get_task(t).chance for t in tasks) / len(tasks)
+        out["of_average"] = (acc - chance) / (dense - chance) if dense > chance else None
+        out["retained"] = acc / dense if dense > 0 else None
+    return out
+
+
+_SHORT = {"wikitext2": "Wiki2 PPL", "piqa": "PIQA", "hellaswag": "HellaSwag", "winogrande": "WinoG",
+          "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "boolq": "BoolQ", "openbookqa": "OBQA"}
+
+
+def _fmt_ppl(x: float) -> str:
+    return "inf" if not math.isfinite(x) else (f"{x:.2f}" if x < 1000 else f"{x:.1f}")
+
+
+def to_markdown(results_by_model: Mapping[str, Mapping]) -> str:
+    """One table: rows = models, columns = WikiText-2 perplexity, each task's
+    headline metric (in %), their average, and the above-chance share when a
+    result carries one. A note under the table gives the noise level."""
+    present = [t for t in ALL_TASKS if any(t in r["tasks"] for r in results_by_model.values())]
+    zs = [t for t in present if t != PERPLEXITY_TASK]
+    has_share = any("above_chance" in r for r in results_by_model.values())
+    header = ["model"] + [_SHORT[t] + (f" ({get_task(t).headline})" if t != PERPLEXITY_TASK else "")
+                         for t in present]
+    if zs:
+        header.append("Avg")
+    if has_share:
+        header.append("above-chance")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * (len(header) - 1)]
+    stderrs, ns = [], set()
+    for model_name, r in results_by_model.items():
+        cells = [str(model_name)]
+        for t in present:
+            tr = r["tasks"].get(t)
+            if tr is None:
+                cells.append("-")
+            elif t == PERPLEXITY_TASK:
+                cells.append(_fmt_ppl(tr["ppl"]))
+            else:
+                cells.append(f"{100 * _headline(tr):.1f}")
+                se = tr.get(f"{tr['headline']}_stderr")
+                if se is not None:
+                    stderrs.append(se)
+                ns.add(tr["n"])
+        if zs:
+            avg = [_headline(r["tasks"][t]) for t in zs if t in r["tasks"]]
+            cells.append(f"{100 * sum(avg) / len(avg):.1f}" if len(avg) == len(zs) else "-")
+        if has_share:
+            share = (r.get("above_chance") or {}).get("of_average")
+            cells.append("-" if share is None else f"{100 * share:.0f}%")
+        lines.append("| " + " | ".join(cells) + " |")
+    if stderrs:
+        n_text = ", ".join(str(n) for n in sorted(ns))
+        lines.append("")
+        lines.append(f"Accuracies in %, n = {n_text} examples per task; standard error about "
+                     f"{100 * sum(stderrs) / len(stderrs):.1f} points, so differences under about "
+                     f"{200 * max(stderrs):.0f} points are noise.")
+    return "\n".join(lines) + "\n"
+
+
+def write_json_atomic(obj, path) -> None:
+    """Write JSON through a temporary file in the same folder and os.replace it
+    into place, so readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise

@@ -1,0 +1,121 @@
+"""WikiText-2 perplexity under the protocol of our reference fixture.
+
+Protocol (kept exactly; the dense SmolLM2-135M reference is 29.1876):
+- read ``wikitext2/test.txt`` in text mode, so the file's CRLF line ends become
+  ``\\n`` and the text is the usual ``"\\n\\n".join(rows)`` string;
+- tokenize it whole with ``tokenizer(text, add_special_tokens=False)``;
+- take the first ``windows`` windows of ``seq_len`` tokens, starting every
+  ``stride`` tokens (default ``stride = seq_len``: non-overlapping);
+- batch 1, no BOS, no attention mask; each window's loss is its mean
+  next-token cross-entropy over its ``seq_len - 1`` predictions;
+- PPL = exp(mean of the window means).
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+WIKITEXT2_TEST = os.path.join("wikitext2", "test.txt")
+
+# Positions per lm_head call: 512 positions x 49k vocab x fp32 would be 100 MB of
+# logits; 128 positions keep it at 25 MB without a measurable slowdown.
+_HEAD_CHUNK = 128
+
+
+def read_wikitext2_test(data_dir) -> str:
+    path = Path(data_dir) / WIKITEXT2_TEST
+    if not path.is_file():
+        raise FileNotFoundError(f"WikiText-2 test file not found: {path}")
+    # Text mode with the default newline=None turns the stored CRLF into LF.
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def token_ids(tokenizer, text: str) -> list[int]:
+    """Tokenize without any special token (no BOS), as the protocol says."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def window_starts(n_tokens: int, seq_len: int, windows: Optional[int], stride: Optional[int] = None) -> list[int]:
+    """Start offsets of the full windows that fit in ``n_tokens``; a trailing
+    partial window is dropped, as in the GPTQ/SparseGPT protocol."""
+    stride = seq_len if stride is None else stride
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+    if stride < 1:
+        raise ValueError(f"stride must be positive, got {stride}")
+    available = 0 if n_tokens < seq_len else (n_tokens - seq_len) // stride + 1
+    if windows is None:
+        return [i * stride for i in range(available)]
+    if windows > available:
+        raise ValueError(
+            f"asked for {windows} windows of {seq_len} tokens (stride {stride}) but the text "
+            f"has {n_tokens} tokens: only {available} fit"
+        )
+    return [i * stride for i in range(windows)]
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def mean_next_token_nll(model, ids: torch.Tensor) -> float:
+    """Mean cross-entropy of predicting ids[1:] from ids[:-1] for one sequence.
+
+    Runs the decoder for hidden states and applies the output head in chunks of
+    positions, so the full (seq_len x vocab) logits never exist at once.
+    """
+    decoder = model.get_decoder()
+    head = model.get_output_embeddings()
+    ids = ids.view(1, -1).to(_device_of(model))
+    hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state[0, :-1]
+    targets = ids[0, 1:]
+    total = 0.0
+    for start in range(0, hidden.shape[0], _HEAD_CHUNK):
+        logits = head(hidden[start:start + _HEAD_CHUNK]).float()
+        total += F.cross_entropy(logits, targets[start:start + _HEAD_CHUNK], reduction="sum").item()
+    return total / targets.numel()
+
+
+def perplexity_of_ids(model, ids, seq_len: int = 512, windows: Optional[int] = 40,
+                      stride: Optional[int] = None, progress: bool = False) -> dict:
+    """Perplexity of a token stream; returns ``{"ppl", "windows", "tokens", "window_nll"}``."""
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    starts = window_starts(ids.numel(), seq_len, windows, stride)
+    if not starts:
+        raise ValueError(f"text too short: {ids.numel()} tokens, fewer than one window of {seq_len}")
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            nll = [mean_next_token_nll(model, ids[s:s + seq_len])
+                   for s in tqdm(starts, desc="wikitext2", disable=not progress, leave=False)]
+    finally:
+        model.train(was_training)
+    mean = sum(nll) / len(nll)
+    # math.exp overflows past ~709; a destroyed model should read inf, not crash.
+    ppl = math.exp(mean) if mean < 700 else math.inf
+    return {"ppl": ppl, "windows": len(nll), "tokens": len(nll) * seq_len,
+            "mean_nll": mean, "window_nll": nll}
+
+
+def wikitext2_perplexity(model, tokenizer, data_dir, seq_len: int = 512, windows: Optional[int] = 40,
+                         stride: Optional[int] = None, progress: bool = False) -> float:
+    """WikiText-2 test perplexity of ``model`` (see the module docstring for the
+    protocol). ``windows=None`` uses every full window of the test set."""
+    return wikitext2_perplexity_details(model, tokenizer, data_dir, seq_len, windows, stride, progress)["ppl"]
+
+
+def wikitext2_perplexity_details(model, tokenizer, data_dir, seq_len: int = 512, windows: Optional[int] = 40,
+                                 stride: Optional[int] = None, progress: bool = False) -> dict:
+    """Like :func:`wikitext2_perplexity` but returns the dict of
+    :func:`perplexity_of_ids` (ppl, windows, tokens, per-window mean NLL)."""
+    ids = token_ids(tokenizer, read_wikitext2_test(data_dir))
+    return perplexity_of_ids(model, ids, seq_len=seq_len, windows=windows, stride=stride, progress=progress)

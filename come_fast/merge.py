@@ -1,0 +1,124 @@
+"""Building merged or shortened layer stacks, and provenance.
+
+The concatenation merge (come-algorithm.md, section 4): the merged layer keeps
+the original width; its KV groups, query heads and MLP channels are the chosen
+units of layer l followed by those of layer l+1, each in ascending index order.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .adapters import Adapter
+from .dispatch import Ops
+
+
+@dataclass
+class Selection:
+    """Which units each of the two source layers contributes."""
+
+    kv_a: list[int]
+    kv_b: list[int]
+    mlp_a: list[int]
+    mlp_b: list[int]
+    q_heads_a: list[int]
+    q_heads_b: list[int]
+
+
+def query_heads(kv_groups: list[int], num_kv_heads: int, group_size: int, grouping: str) -> list[int]:
+    """The query heads that go with the kept KV groups, ascending.
+
+    ``"contiguous"``: group k owns heads g*k .. g*k+g-1, the heads ``repeat_kv``
+    attaches to KV head k (correct). ``"tiled"``: heads k, k+H_kv, k+2*H_kv, ...,
+    what the release's ``mask.repeat(g)`` keeps (faithful mode only).
+    """
+    if grouping == "contiguous":
+        heads = [group_size * k + j for k in kv_groups for j in range(group_size)]
+    elif grouping == "tiled":
+        heads = [k + num_kv_heads * j for k in kv_groups for j in range(group_size)]
+    else:
+        raise ValueError(f"grouping must be 'contiguous' or 'tiled', not {grouping!r}")
+    return sorted(heads)
+
+
+def _rows(units: list[int], width: int) -> torch.Tensor:
+    return torch.tensor([u * width + i for u in units for i in range(width)], dtype=torch.long)
+
+
+def _set(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    getattr(module, name).data = value
+
+
+def concat_merge(adapter: Adapter, layer_a: nn.Module, layer_b: nn.Module, sel: Selection, r: float,
+                 ops: Ops) -> nn.Module:
+    """A new layer running the chosen heads and channels of both layers in
+    parallel on one normalised input. Weights are exact row/column copies; the
+    only arithmetic is the mean of the two RMSNorm weights (a plain mean, as the
+    release does) and r-weighted sums of o/down biases and q/k norms."""
+    hd = adapter.head_dim
+    merged = copy.deepcopy(layer_a)
+    dev = adapter.part(layer_a, "q").weight.device
+
+    def gather(role: str, ia: list[int], ib: list[int], width: int, dim: int, bias: bool) -> None:
+        ma, mb, mm = adapter.part(layer_a, role), adapter.part(layer_b, role), adapter.part(merged, role)
+        ra, rb = _rows(ia, width).to(dev), _rows(ib, width).to(dev)
+        mm.weight.data = ops.gather_concat(ma.weight.data, ra, mb.weight.data, rb, dim,
+                                           out=torch.empty_like(ma.weight.data))
+        if bias and getattr(ma, "bias", None) is not None:
+            mm.bias.data = ops.gather_concat(ma.bias.data, ra, mb.bias.data, rb, 0,
+                                             out=torch.empty_like(ma.bias.data))
+
+    def weighted(role: str, attr: str = "weight") -> None:
+        ma, mb, mm = adapter.part(layer_a, role), adapter.part(layer_b, role), adapter.part(merged, role)
+        if ma is not None and getattr(ma, attr, None) is not None:
+            _set(mm, attr, r * getattr(ma, attr).data + (1 - r) * getattr(mb, attr).data)
+
+    gather("q", sel.q_heads_a, sel.q_heads_b, hd, 0, True)
+    gather("k", sel.kv_a, sel.kv_b, hd, 0, True)
+    gather("v", sel.kv_a, sel.kv_b, hd, 0, True)
+    gather("o", sel.q_heads_a, sel.q_heads_b, hd, 1, False)
+    weighted("o", "bias")
+    if adapter.family.q_norm:
+        weighted("q_norm")
+        weighted("k_norm")
+    gather("gate", sel.mlp_a, sel.mlp_b, 1, 0, True)
+    gather("up", sel.mlp_a, sel.mlp_b, 1, 0, True)
+    gather("down", sel.mlp_a, sel.mlp_b, 1, 1, False)
+    weighted("down", "bias")
+    for role in ("input_norm", "post_attn_norm"):
+        na, nb, nm = adapter.part(layer_a, role), adapter.part(layer_b, role), adapter.part(merged, role)
+        nm.weight.data = torch.stack([na.weight.data, nb.weight.data]).mean(0)
+    return merged
+
+
+def replace_pair(adapter: Adapter, l: int, new_layer: nn.Module) -> None:
+    """Layer l becomes ``new_layer``, layer l+1 is deleted, indices renumbered."""
+    layers = list(adapter.layers)
+    adapter.set_layers(layers[:l] + [new_layer] + layers[l + 2:])
+
+
+def remove_layers(adapter: Adapter, drop: list[int]) -> None:
+    drop_set = set(drop)
+    adapter.set_layers([m for i, m in enumerate(adapter.layers) if i not in drop_set])
+
+
+# -- provenance ---------------------------------------------------------------------
+
+def first_leaf(item):
+    while isinstance(item, list):
+        item = item[0]
+    return item
+
+
+def merge_provenance(prov: list, l: int) -> list:
+    """Entries l and l+1 become one nested entry, ordered by first original layer."""
+    pair = sorted([prov[l], prov[l + 1]], key=first_leaf)
+    return prov[:l] + [pair] + prov[l + 2:]
+
+
+def delete_provenance(prov: list, drop: list[int]) -> list:
+    s = set(drop)
+    return [p for i, p in enumerate(prov) if i not in s]
