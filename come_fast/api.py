@@ -117,7 +117,8 @@ def compress(model, ratio: float | None = None, method: str = "come", calib=None
     ops = Ops(backend, device)
     bar = _progress(progress)
     ctx = methods.Context(adapter=a, tokens=tokens, ops=ops, batch_size=batch_size,
-                          options={"faithful": faithful, "allow_repeat": allow_repeat, **options}, progress=bar)
+                          options={"faithful": faithful, "allow_repeat": allow_repeat, "ratio": ratio,
+                                   "rounding": rounding, "seed": seed, **options}, progress=bar)
     params_before = count_parameters(model)
     model.eval()
     outcome = fn(ctx, n_remove)

@@ -240,6 +240,13 @@ class LayerStream:
                               position_embeddings=pe))
         return torch.cat(outs)
 
+    def _accumulator(self, acc: torch.Tensor):
+        def hook(module, args):
+            self.ops.accumulate_abs_(args[0], acc)
+            return None  # a pre-hook that returns a value would replace the module's input
+
+        return hook
+
     def run(self, start: int = 0, stop: int | None = None, collect: bool = True) -> None:
         """(Re)compute boundaries and statistics of layers start..stop-1."""
         import time
@@ -260,8 +267,8 @@ class LayerStream:
                     o, down = a.part(layer, "o"), a.part(layer, "down")
                     st.att_abs = torch.zeros(o.in_features, dtype=torch.float32, device=self.device)
                     st.mlp_abs = torch.zeros(down.in_features, dtype=torch.float32, device=self.device)
-                    handles.append(o.register_forward_pre_hook(lambda m, args, acc=st.att_abs: self.ops.accumulate_abs_(args[0], acc)))
-                    handles.append(down.register_forward_pre_hook(lambda m, args, acc=st.mlp_abs: self.ops.accumulate_abs_(args[0], acc)))
+                    handles.append(o.register_forward_pre_hook(self._accumulator(st.att_abs)))
+                    handles.append(down.register_forward_pre_hook(self._accumulator(st.mlp_abs)))
                 try:
                     y = self._layer_forward(layer, x)
                 finally:

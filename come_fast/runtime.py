@@ -238,7 +238,6 @@ def swiglu_mlp(
 # ---------------------------------------------------------------------------
 _FUSED_FLAG = "_come_fast_fused_mlp"
 _ORIG_FORWARD = "_come_fast_orig_forward"
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
 def _is_silu(act) -> bool:

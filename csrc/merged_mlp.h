@@ -19,6 +19,9 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <cstdint>
+#include <vector>
+
 namespace come_fast {
 
 // Validates shapes/dtypes/devices (TORCH_CHECK) and returns I.
