@@ -15,7 +15,7 @@ import torch
 from . import methods
 from .adapters import adapter_for, count_parameters, layer_parameters
 from .calibration import calibration_tokens
-from .checkpoint import read_meta, save_checkpoint
+from .checkpoint import load_sublayer_model, read_meta, save_checkpoint, sublayer_spec
 from .dispatch import Ops
 from .models import load_model
 
@@ -83,7 +83,7 @@ def _check_finite(model) -> None:
 def compress(model, ratio: float | None = None, method: str = "come", calib=None, target_layers: int | None = None, *,
              tokenizer=None, faithful: bool = False, allow_repeat: bool = False, n_samples: int = 32,
              seq_len: int = 256, batch_size: int = 2, backend: str = "auto", rounding: str = "nearest",
-             seed: int = 0, progress: bool | Any = False, **options) -> CompressionResult:
+             seed: int = 0, progress: bool | Any = False, on_step=None, **options) -> CompressionResult:
     """Compress ``model`` in place by depth and return a ``CompressionResult``.
 
     ``model``: a Hugging Face causal LM (Llama, Mistral, Qwen2, Qwen3) or a name
@@ -91,6 +91,9 @@ def compress(model, ratio: float | None = None, method: str = "come", calib=None
     ``target_layers`` are alternatives. ``calib``: see ``calibration_tokens``.
     ``faithful=True`` reproduces the authors' release decision for decision,
     quirks included; the default fixes its GQA head grouping.
+    ``on_step(partial_result)``: called after every step of a progressive
+    method with the result so far (its model is the live model: save it, do
+    not change it), e.g. to keep the 10% and 20% points of a 30% run.
     """
     if isinstance(model, (str, os.PathLike)):
         model, tok = load_model(model)
@@ -120,18 +123,25 @@ def compress(model, ratio: float | None = None, method: str = "come", calib=None
                           options={"faithful": faithful, "allow_repeat": allow_repeat, "ratio": ratio,
                                    "rounding": rounding, "seed": seed, **options}, progress=bar)
     params_before = count_parameters(model)
+
+    def result(provenance, steps, settings):
+        params_after = count_parameters(model)
+        return CompressionResult(
+            model=model, provenance=provenance, achieved_ratio=(params_before - params_after) / params_before,
+            report=steps, tokenizer=tokenizer, method=method,
+            settings={**settings, "method": method, "backend": ops.backend, "calibration": list(tokens.shape),
+                      "batch_size": batch_size, "seed": seed},
+            layers_before=L, layers_after=len(a.layers), params_before=params_before, params_after=params_after,
+            seconds=time.perf_counter() - t0)
+
+    if on_step is not None:
+        ctx.on_step = lambda prov, steps: on_step(result(
+            prov, list(steps), {"faithful": faithful, "allow_repeat": allow_repeat, "partial": True}))
     model.eval()
     outcome = fn(ctx, n_remove)
     if hasattr(bar, "close"):
         bar.close()
-    params_after = count_parameters(model)
-    settings = {**outcome.settings, "method": method, "backend": ops.backend, "calibration": list(tokens.shape),
-                "batch_size": batch_size, "seed": seed}
-    return CompressionResult(model=model, provenance=outcome.provenance,
-                             achieved_ratio=(params_before - params_after) / params_before, report=outcome.steps,
-                             tokenizer=tokenizer, method=method, settings=settings, layers_before=L,
-                             layers_after=len(a.layers), params_before=params_before, params_after=params_after,
-                             seconds=time.perf_counter() - t0)
+    return result(outcome.provenance, outcome.steps, outcome.settings)
 
 
 class _Bars:
@@ -176,7 +186,18 @@ def save(result: CompressionResult, out_dir, overwrite: bool = False, tokenizer=
 
 def load(path, dtype: torch.dtype = torch.float32, device="cpu"):
     """Load a checkpoint written by ``save`` (or any supported HF folder):
-    returns ``(model, tokenizer, meta)``; meta is None for a foreign folder."""
+    returns ``(model, tokenizer, meta)``; meta is None for a foreign folder.
+    A folder whose layers miss sublayers (FinerCut; ``come_fast_sublayers`` in
+    its config) is rebuilt with those sublayers removed (see come_fast.sublayers)."""
+    if os.path.isdir(str(path)) and sublayer_spec(path) is not None:
+        from transformers import AutoTokenizer
+
+        model = load_sublayer_model(path, dtype=dtype, device=device)
+        try:
+            tok = AutoTokenizer.from_pretrained(str(path))
+        except (OSError, ValueError):  # a folder saved without a tokenizer
+            tok = None
+        return model, tok, read_meta(path)
     model, tok = load_model(path, dtype=dtype, device=device)
     return model, tok, read_meta(path) if os.path.isdir(str(path)) else None
 

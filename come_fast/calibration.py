@@ -230,6 +230,16 @@ class LayerStream:
         self.last_token = self.last_token[:l + 1] + [None] * (L - 1 - l)
         self.boundary = {k: v for k, v in self.boundary.items() if k <= l}
 
+    def spliced(self, start: int, n_old: int, n_new: int) -> None:
+        """Layers start..start+n_old-1 became n_new layers (0: deleted, 1:
+        merged or replaced, ...): keep what lies below ``start``, forget the rest.
+        ``merged(l)`` is ``spliced(l, 2, 1)``."""
+        L = len(self.stats)
+        L_new = L - n_old + n_new
+        self.stats = self.stats[:start] + [None] * (L_new - start)
+        self.last_token = self.last_token[:start + 1] + [None] * (L_new - start)
+        self.boundary = {k: v for k, v in self.boundary.items() if k <= start}
+
     # running ------------------------------------------------------------------------
     def _layer_forward(self, layer, x: torch.Tensor) -> torch.Tensor:
         outs = []
@@ -317,6 +327,16 @@ class LayerStream:
                     logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="sum"))
                 count += tgt.numel()
         return total / count
+
+    def hidden_with(self, start: int, layers: list, final_norm: bool = True) -> torch.Tensor:
+        """The last hidden state (after the final norm unless ``final_norm`` is
+        False) when layers start.. are replaced by ``layers``; the stream itself
+        is not changed. ``loss_with``'s forward, without the head."""
+        x = self.input_of(start)
+        with torch.inference_mode():
+            for layer in layers:
+                x = self._layer_forward(layer, x)
+            return self.adapter.final_norm(x) if final_norm else x
 
     def output(self) -> torch.Tensor:
         """The last boundary (after the final norm when final_norm_last)."""

@@ -14,8 +14,10 @@ import os
 from pathlib import Path
 
 from .models import _atomic_save_dir
+from . import sublayers
 
 META_FILE = "come_fast.json"
+SUBLAYER_MODULE = "come_fast_sublayers"  # file (and module) name of the remote code a sublayer checkpoint carries
 
 
 class OutputExistsError(FileExistsError):
@@ -28,9 +30,16 @@ def save_checkpoint(model, tokenizer, out_dir: str | os.PathLike, meta: dict, re
     if out.exists() and not overwrite:
         raise OutputExistsError(f"output folder {out} exists; choose another or pass overwrite=True (--overwrite)")
     model.config.come_fast = meta
+    spec = _sublayer_spec_of(model)
+    if spec is not None:
+        # layers missing their attention or MLP (FinerCut): see come_fast/sublayers.py
+        setattr(model.config, sublayers.SPEC_KEY, spec)
+        model.config.auto_map = {"AutoModelForCausalLM": f"{SUBLAYER_MODULE}.ComeFastForCausalLM"}
 
     def build(tmp: Path) -> None:
         model.save_pretrained(tmp)
+        if spec is not None:
+            _write_sublayer_module(model, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         with open(tmp / META_FILE, "w") as f:
@@ -48,3 +57,53 @@ def read_meta(path: str | os.PathLike) -> dict | None:
         return None
     with open(p) as f:
         return json.load(f)
+
+
+# -- layers with sublayers removed --------------------------------------------------
+
+def _sublayer_spec_of(model) -> dict | None:
+    from .adapters import adapter_for
+
+    return sublayers.spec_of(adapter_for(model).layers)
+
+
+def _write_sublayer_module(model, folder: Path) -> None:
+    """This package's sublayers.py plus the line that picks the family's class:
+    what ``trust_remote_code=True`` imports."""
+    base = type(model)
+    for cls in base.__mro__:  # the stock class, also when ``model`` is already a ComeFastForCausalLM
+        if cls.__module__.startswith("transformers.models."):
+            base = cls
+            break
+    src = Path(sublayers.__file__).read_text()
+    src += (f"\n\nfrom {base.__module__} import {base.__name__} as _Base  # noqa: E402\n\n"
+            "ComeFastForCausalLM = causal_lm_class(_Base)\n")
+    (folder / f"{SUBLAYER_MODULE}.py").write_text(src)
+
+
+def sublayer_spec(path: str | os.PathLike) -> dict | None:
+    """The removed-sublayer spec of a checkpoint folder (None: whole layers only)."""
+    p = Path(path) / "config.json"
+    if not p.is_file():
+        return None
+    with open(p) as f:
+        return json.load(f).get(sublayers.SPEC_KEY)
+
+
+def load_sublayer_model(path: str | os.PathLike, dtype=None, device="cpu"):
+    """Load a checkpoint whose config carries ``come_fast_sublayers``: the
+    family's stock class with those sublayers swapped out before the weights
+    are read, so every stored tensor has its place and none is missing."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config = AutoConfig.from_pretrained(path)
+    config.auto_map = None
+    base = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    cls = sublayers.causal_lm_class(base)
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    model, info = cls.from_pretrained(path, config=config, output_loading_info=True, **kwargs)
+    bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if bad:
+        raise ValueError(f"{path}: checkpoint does not match its come_fast_sublayers skeleton: {bad}")
+    return model.to(device).eval()

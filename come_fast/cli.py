@@ -1,4 +1,4 @@
-"""Command line: ``come-fast compress`` and ``come-fast eval``. Calls the API only."""
+"""Command line: ``come-fast compress``, ``come-fast eval`` and ``come-fast bench quality``. Calls the API only."""
 from __future__ import annotations
 
 import argparse
@@ -70,6 +70,52 @@ def _eval(args) -> int:
     return 0
 
 
+def _parse_option(text: str) -> tuple[str, str, object]:
+    """METHOD:KEY=VALUE, the value read as JSON when it parses (numbers, true/false), else a string."""
+    try:
+        method, kv = text.split(":", 1)
+        key, value = kv.split("=", 1)
+    except ValueError:
+        raise ValueError(f"--option {text!r}: expected METHOD:KEY=VALUE, e.g. sleb:score_rows=8") from None
+    try:
+        value = json.loads(value)
+    except json.JSONDecodeError:
+        pass
+    return method.strip(), key.strip(), value
+
+
+def _ratios(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    if text.strip().lower() in ("", "none"):
+        return []
+    return [float(r) for r in text.split(",") if r.strip()]
+
+
+def _bench_quality(args) -> int:
+    import torch
+
+    from .bench import Sweep
+
+    torch.set_num_threads(args.threads)
+    options: dict = {}
+    for text in args.option or []:
+        m, k, v = _parse_option(text)
+        options.setdefault(m, {})[k] = v
+    data_dir = args.data_dir or _default_data_dir()
+    if data_dir is None or not Path(data_dir).is_dir():
+        raise FileNotFoundError(f"data folder {data_dir!r} not found: pass --data-dir (the folder with wikitext2/, piqa/, ...)")
+    sweep = Sweep(model=args.model, methods=args.methods, ratios=_ratios(args.ratios), limit=args.limit,
+                  tasks_at=_ratios(args.tasks_at), out=args.out, calib=args.calib, data_dir=data_dir,
+                  options=options, keep_models=args.keep_models, ppl_windows=args.ppl_windows,
+                  progress=not args.quiet, verbose=args.verbose)
+    todo = sweep.pending()
+    print(f"{len(sweep.cells())} cells, {len(todo)} pieces of work left; results in {sweep.out}/")
+    sweep.run()
+    print(f"wrote {sweep.out / 'quality.csv'}, {sweep.out / 'quality.md'}, {sweep.out / 'quality.png'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="come-fast", description="Depth compression of Hugging Face causal LMs.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -106,6 +152,27 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None, help="write JSON (and a .md table beside it)")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(fn=_eval)
+
+    b = sub.add_parser("bench", help="benchmarks across methods")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    q = bsub.add_parser("quality", help="every method x ratio: WikiText-2 perplexity and zero-shot tasks (resumable)")
+    q.add_argument("--model", default="smollm2-135m")
+    q.add_argument("--methods", default="all", help="comma-separated, or 'all' (come, come-faithful and every baseline)")
+    q.add_argument("--ratios", default="0.1,0.2,0.3", help="shares of all parameters to remove")
+    q.add_argument("--limit", type=int, default=200, help="first N examples per zero-shot task")
+    q.add_argument("--tasks-at", default=None, help="ratios at which the 7 tasks run (default: all; 'none': perplexity only)")
+    q.add_argument("--out", default="results")
+    q.add_argument("--calib", default=None, help="calibration, as for compress (the same for every method)")
+    q.add_argument("--data-dir", default=None)
+    q.add_argument("--option", action="append", metavar="METHOD:KEY=VALUE",
+                   help="extra compress option for one method, e.g. sleb:score_rows=32 (repeatable)")
+    q.add_argument("--ppl-windows", type=int, default=40)
+    q.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: on a shared CPU one thread is several times faster than two)")
+    q.add_argument("--keep-models", action="store_true", help="keep the compressed checkpoints under OUT/models/")
+    q.add_argument("--quiet", action="store_true", help="no progress bar")
+    q.add_argument("--verbose", action="store_true", help="inner progress bars (compression, evaluation)")
+    q.set_defaults(fn=_bench_quality)
     return p
 
 

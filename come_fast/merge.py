@@ -94,6 +94,46 @@ def concat_merge(adapter: Adapter, layer_a: nn.Module, layer_b: nn.Module, sel: 
     return merged
 
 
+def sublayer_modules(adapter: Adapter) -> tuple[str, str]:
+    """Attribute names of the attention and MLP submodules of a decoder layer."""
+    return adapter.family.q.rsplit(".", 1)[0], adapter.family.gate.rsplit(".", 1)[0]
+
+
+@torch.no_grad()
+def rdsc_merge(adapter: Adapter, base: nn.Module, others: list[nn.Module]) -> nn.Module:
+    """LaCo's Reserving-Differences-while-Seeking-Common merge, as its paper
+    writes it: theta = theta_base + sum_k (theta_k - theta_base) for every
+    parameter of the attention and MLP submodules (projections, their biases,
+    q/k norms where present), each difference taken against the ORIGINAL base.
+    The layer norms are the base layer's. (The public LaCo code adds the
+    differences to a base it has already updated, so its result is the last
+    layer of the window: that is ``keep_last``, not this.)"""
+    merged = copy.deepcopy(base)
+    for sub in sublayer_modules(adapter):
+        mb = dict(getattr(base, sub).named_parameters())
+        for name, p in getattr(merged, sub).named_parameters():
+            theta_b = mb[name].data
+            acc = theta_b.clone()
+            for o in others:
+                acc += dict(getattr(o, sub).named_parameters())[name].data - theta_b
+            p.data = acc
+    return merged
+
+
+def replace_window(adapter: Adapter, start: int, count: int, new_layer: nn.Module) -> None:
+    """Layers start..start+count-1 become ``new_layer``, indices renumbered."""
+    layers = list(adapter.layers)
+    adapter.set_layers(layers[:start] + [new_layer] + layers[start + count:])
+
+
+def window_provenance(prov: list, start: int, count: int) -> list:
+    """Entries start..start+count-1 become one nested entry (a single entry stays as is)."""
+    if count == 1:
+        return list(prov)
+    group = sorted(prov[start:start + count], key=first_leaf)
+    return prov[:start] + [group] + prov[start + count:]
+
+
 def replace_pair(adapter: Adapter, l: int, new_layer: nn.Module) -> None:
     """Layer l becomes ``new_layer``, layer l+1 is deleted, indices renumbered."""
     layers = list(adapter.layers)

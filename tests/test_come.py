@@ -233,3 +233,37 @@ def test_save_reload_stock_transformers(family, tmp_path):
         g0 = re.generate(x, max_new_tokens=5, do_sample=False, use_cache=False)
     assert torch.equal(g, g0)
     assert not list(tmp_path.glob(".m.tmp-*"))  # no leftovers of the atomic write
+
+
+def test_embedded_default_calibration_is_sampled_cached_and_deterministic(tmp_path, monkeypatch):
+    from come_fast.calibration import default_calibration, sample_from_model
+
+    monkeypatch.setenv("COME_FAST_CACHE", str(tmp_path))
+    model = tiny_model("llama")
+    a = calibration_tokens(None, model, None, n_samples=3, seq_len=10)
+    assert a.shape == (3, 10) and a.dtype == torch.long
+    assert list(tmp_path.glob("calibration/*.safetensors"))
+    assert torch.equal(a, sample_from_model(model, None, 3, 10, seed=0))  # the cache holds what sampling gives
+    assert not torch.equal(a, sample_from_model(model, None, 3, 10, seed=1))
+    # the first sampled token follows the model's next-token distribution after BOS (id 0 here):
+    # the sample must be a token the model gives non-negligible probability
+    with torch.inference_mode():
+        p = torch.softmax(model(torch.zeros(1, 1, dtype=torch.long)).logits[0, -1], -1)
+    assert float(p[a[:, 0]].min()) > 1e-6
+
+
+def test_progressive_snapshots_equal_shorter_runs(tmp_path):
+    """CoMe is progressive: the state after k steps of a longer run is the
+    result of a k-step run (what on_step snapshots rely on)."""
+    ids = tokens()
+    saved = {}
+
+    def keep(partial):
+        saved[partial.layers_after] = (partial.provenance, {k: v.clone() for k, v in partial.model.state_dict().items()})
+
+    come_fast.compress(tiny_model("mistral"), target_layers=3, calib=ids, on_step=keep)
+    assert sorted(saved) == [3, 4, 5]
+    short = come_fast.compress(tiny_model("mistral"), target_layers=5, calib=ids)
+    prov, sd = saved[5]
+    assert prov == short.provenance
+    assert all(torch.equal(sd[k], v) for k, v in short.model.state_dict().items())

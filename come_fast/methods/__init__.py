@@ -20,6 +20,9 @@ class Context:
     batch_size: int = 2
     options: dict = field(default_factory=dict)  # method-specific settings
     progress: Optional[Callable[[str, int, int], None]] = None  # (label, done, total)
+    # progressive methods call this after every step with (provenance, steps so far);
+    # the model is consistent at that point (e.g. to save intermediate sizes)
+    on_step: Optional[Callable[[list, list], None]] = None
 
 
 @dataclass
@@ -40,8 +43,19 @@ def register(name: str):
     return deco
 
 
+METHOD_MODULES = ("come", "shortgpt", "reverse", "sleb", "taylor", "magnitude", "ppl", "laco", "slm",
+                  "streamline", "finercut")
+
+
+def _load_all() -> None:
+    import importlib
+
+    for m in METHOD_MODULES:
+        importlib.import_module(f"{__name__}.{m}")  # registers
+
+
 def get(name: str):
-    from . import come  # noqa: F401  (registers)
+    _load_all()
 
     if name not in REGISTRY:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(REGISTRY))}")
@@ -49,6 +63,6 @@ def get(name: str):
 
 
 def available() -> list[str]:
-    from . import come  # noqa: F401
+    _load_all()
 
     return sorted(REGISTRY)

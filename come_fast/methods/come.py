@@ -112,10 +112,14 @@ def _come(ctx: Context, n_remove: int, grid: bool) -> Outcome:
             "bi_sum": bi, "pair_distance_sum": dist, "blocked": sorted(blocked),
             "att_scores": scores, "grid_losses": grid_losses, "provenance": prov,
         }
-        if step + 1 < n_remove:
-            stream.run(idx)  # layers below idx saw unchanged inputs: their scores stand
         rec["seconds"] = time.perf_counter() - t0
         steps.append(rec)
+        if ctx.on_step:
+            ctx.on_step(prov, steps)
+        if step + 1 < n_remove:
+            t1 = time.perf_counter()
+            stream.run(idx)  # layers below idx saw unchanged inputs: their scores stand
+            rec["seconds"] += time.perf_counter() - t1
         if ctx.progress:
             ctx.progress("merges", step + 1, n_remove)
     settings = {"faithful": faithful, "allow_repeat": allow_repeat, "grouping": grouping,

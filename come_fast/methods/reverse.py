@@ -1,0 +1,94 @@
+"""Reverse order ("Reassessing Layer Pruning in LLMs", arXiv 2411.15558):
+delete the last n decoder layers (the final norm and head stay).
+
+Recovery (``recover=True``, default off): the paper's partial-layer
+fine-tune, which trains only the last ``recover_layers`` (3) remaining layers,
+the final norm and lm_head. Here it is a distillation on the calibration
+batches (come_fast.distill): KL to the uncompressed model's next-token
+distribution (``recover_kl``, 1.0) plus optional LM cross-entropy
+(``recover_ce``, 0.0), ``recover_steps`` (100) AdamW steps at ``recover_lr``
+(1e-4), batches of ``recover_batch`` (2) sequences. The paper fine-tunes with
+the LM loss on an instruction dataset instead. The frozen layers below run
+once: their output is cached and the trained part re-runs from it. With tied
+embeddings (SmolLM2) training lm_head also changes the input embedding, as
+one tensor; the cached inputs of the trained part were computed before, so
+the training sees the head side only.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import layerops as ops
+from ..distill import LossWeights, distill, evaluate_loss
+from . import Context, Outcome, register
+
+
+@register("reverse")
+def reverse(ctx: Context, n_remove: int) -> Outcome:
+    t = ops.Timer()
+    a = ctx.adapter
+    o = ctx.options
+    L = len(a.layers)
+    recover = bool(o.get("recover", False))
+    stream = teacher = None
+    if recover:
+        stream = ops.open_stream(ctx)
+        with torch.no_grad():
+            teacher = stream.output().clone()  # final normed hidden states of the uncompressed model
+            w0 = a.lm_head.weight.detach().clone()
+            b0 = None if getattr(a.lm_head, "bias", None) is None else a.lm_head.bias.detach().clone()
+    drop = list(range(L - n_remove, L))
+    prov = ops.delete(a, stream, list(range(L)), drop)
+    steps = [{"removed": drop, "seconds": t()}]
+    settings = {"recover": recover}
+    if recover:
+        steps.append(_recover(ctx, stream, teacher, w0, b0, settings))
+    return Outcome(provenance=prov, steps=steps, settings=settings)
+
+
+def _recover(ctx, stream, teacher, w0, b0, settings: dict) -> dict:
+    t = ops.Timer()
+    a = ctx.adapter
+    o = ctx.options
+    L = len(a.layers)
+    k = min(int(o.get("recover_layers", 3)), L)
+    start = L - k
+    with torch.no_grad():
+        x_in = stream.input_of(start).clone()  # frozen part, run once
+    tokens = stream.tokens
+    pos = stream.position_ids
+    trained = list(a.layers[start:]) + [a.final_norm, a.lm_head]
+    model = a.model
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = [p for m in trained for p in m.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+
+    def forward(idx):
+        x = x_in[idx]
+        pe = a.rotary(x, pos.expand(x.shape[0], -1))
+        for layer in a.layers[start:]:
+            x = layer(x, attention_mask=None, position_ids=pos.expand(x.shape[0], -1), position_embeddings=pe)
+        logits = a.lm_head(a.final_norm(x))[:, :-1]
+        with torch.no_grad():
+            tl = torch.nn.functional.linear(teacher[idx], w0, b0)[:, :-1]
+        return {"logits": logits, "logits_target": tl, "labels": tokens[idx, 1:].to(logits.device)}
+
+    w = LossWeights(mse=0.0, kl=float(o.get("recover_kl", 1.0)), ce=float(o.get("recover_ce", 0.0)))
+    bs = int(o.get("recover_batch", 2))
+    n = x_in.shape[0]
+    try:
+        before = evaluate_loss(forward, n, w, bs)
+        rep = distill(forward, params, n, steps=int(o.get("recover_steps", 100)), lr=float(o.get("recover_lr", 1e-4)),
+                      batch_size=bs, weights=w, seed=int(o.get("seed", 0)), progress=ctx.progress or False,
+                      label="recovery steps")
+        after = evaluate_loss(forward, n, w, bs)
+    finally:
+        for p, f in flags.items():
+            p.requires_grad_(f)
+    settings.update({"recover_layers": k, "recover_steps": rep.steps, "recover_weights": rep.weights,
+                     **{f"recover_{key}": v for key, v in rep.settings.items()}})
+    return {"recovery": {"trained_layers": list(range(start, L)), "loss_before": before, "loss_after": after,
+                         "loss_first_step": rep.loss_first, "loss_last_step": rep.loss_last, "seconds": t()}}

@@ -1,0 +1,35 @@
+"""Taylor+ (Shortened LLaMA, arXiv 2402.02834): a layer's importance is the
+sum over its weight matrices of |W * dL/dW| (first-order Taylor estimate of
+the loss change when the weights are zeroed), with dL/dW the gradient of the
+calibration LM loss; the n least important layers are deleted at once. "+":
+the first 4 and the last 2 layers are never deleted (options ``keep_first``,
+``keep_last``). Option ``score_rows``: gradients on the first calibration rows.
+"""
+from __future__ import annotations
+
+from .. import layerops as ops
+from . import Context, Outcome, register
+
+
+def shortened_llama(ctx: Context, n_remove: int, scores: list[float], name: str, extra: dict) -> Outcome:
+    a = ctx.adapter
+    L = len(a.layers)
+    keep = ops.protected_layers(L, int(ctx.options.get("keep_first", 4)), int(ctx.options.get("keep_last", 2)))
+    drop = ops.lowest(scores, n_remove, exclude=keep)
+    prov = ops.delete(a, None, list(range(L)), drop)
+    step = {"removed": drop, "scores": scores, "protected": sorted(keep), **extra}
+    return Outcome(provenance=prov, steps=[step],
+                   settings={"score": name, "keep_first": int(ctx.options.get("keep_first", 4)),
+                             "keep_last": int(ctx.options.get("keep_last", 2))})
+
+
+@register("taylor+")
+def taylor_plus(ctx: Context, n_remove: int) -> Outcome:
+    t = ops.Timer()
+    tokens = ops.calibration_slice(ctx)
+    model = ctx.adapter.model
+    loss = ops.accumulate_lm_grads(ctx, tokens)
+    scores = ops.weight_scores(ctx.adapter, grads=True)
+    model.zero_grad(set_to_none=True)
+    return shortened_llama(ctx, n_remove, scores, "taylor", {"calibration_loss": loss, "score_rows": tokens.shape[0],
+                                                            "seconds": t()})
