@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
 from torch import nn
 
 
@@ -164,8 +163,3 @@ def count_parameters(model: nn.Module) -> int:
 
 def layer_parameters(layer: nn.Module) -> int:
     return sum(p.numel() for p in layer.parameters())
-
-
-@torch.no_grad()
-def bias_of(linear: nn.Module) -> Optional[torch.Tensor]:
-    return getattr(linear, "bias", None)

@@ -37,6 +37,12 @@ VARIANTS = {"come-faithful": ("come", {"faithful": True}), "reverse-recover": ("
 # the first calibration rows only, to fit a CPU budget; recorded per cell.
 DEFAULT_METHOD_OPTIONS = {"ppl": {"score_rows": 8}, "sleb": {"score_rows": 8}, "finercut": {"score_rows": 2}}
 DENSE = "dense"
+# Progressive methods whose run to n removals passes through the exact result
+# for every smaller n (same scores, same decisions): one run at the largest
+# pending ratio yields the smaller ratios' cells through ``on_step`` snapshots.
+# FinerCut's steps do not change the layer count: its smaller cells are
+# rebuilt from the larger run's recorded choices (methods.finercut.replay).
+PREFIX_METHODS = ("come", "sleb", "finercut")
 
 
 def _cell_name(method: str, ratio: float) -> str:
@@ -50,7 +56,7 @@ def _atomic_json(obj, path: Path) -> None:
 
 
 def _atomic_text(text: str, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
 
@@ -141,7 +147,7 @@ class Sweep:
 
         return load_model(self.model_name)
 
-    def _compress(self, method: str, ratio: float):
+    def _compress(self, method: str, ratio: float, on_step=None):
         from . import api
 
         model, tok = self._load_dense()
@@ -152,15 +158,10 @@ class Sweep:
             return model, tok, {"achieved_ratio": 0.0, "layers": len(adapter_for(model).layers), "params": n,
                                 "params_before": n, "compress_seconds": 0.0, "provenance": None, "settings": {}}
         base, opts = _method_call(method, self.options)
+        kw = {} if on_step is None else {"on_step": on_step}
         res = api.compress(model, ratio=ratio, method=base, calib=self.calib, tokenizer=tok,
-                           progress=bool(self.verbose), **opts)
-        info = {"achieved_ratio": res.achieved_ratio, "layers": res.layers_after, "params": res.params_after,
-                "params_before": res.params_before, "compress_seconds": res.seconds, "provenance": res.provenance,
-                "settings": _jsonable(res.settings), "options": _jsonable(opts)}
-        sub = res.settings.get("sublayers")
-        if sub:
-            info["sublayers_removed"] = sub
-        return res.model, tok, info, res
+                           progress=bool(self.verbose), **kw, **opts)
+        return res.model, tok, _info(res, opts), res
 
     def _evaluate(self, model, tok, tasks: list[str]) -> dict:
         from .eval import evaluate
@@ -168,20 +169,102 @@ class Sweep:
         return evaluate(model, tok, tasks=tasks, data_dir=self.data_dir, limit=self.limit,
                         ppl_windows=self.ppl_windows, progress=bool(self.verbose))
 
-    def run_compress_ppl(self, method: str, ratio: float) -> None:
-        t0 = time.perf_counter()
-        out = self._compress(method, ratio)
-        model, tok, info = out[0], out[1], out[2]
+    def _ppl_record(self, method: str, ratio: float, model, tok, info: dict, t0: float, **extra) -> dict:
         ev = self._evaluate(model, tok, ["wikitext2"])
-        rec = {"method": method, "ratio_asked": ratio, "model": self.model_name,
-               "calib": self.calib, **info, "ppl": ev["tasks"]["wikitext2"]["ppl"],
-               "ppl_detail": ev["tasks"]["wikitext2"], "tasks": {},
-               "eval_seconds": ev["seconds"], "cell_seconds": time.perf_counter() - t0}
-        if self.needs_tasks(method, ratio) and method != DENSE:
-            from . import api
+        return {"method": method, "ratio_asked": ratio, "model": self.model_name,
+                "calib": self.calib, **info, "ppl": ev["tasks"]["wikitext2"]["ppl"],
+                "ppl_detail": ev["tasks"]["wikitext2"], "tasks": {},
+                "eval_seconds": ev["seconds"], "cell_seconds": time.perf_counter() - t0, **extra}
 
+    def run_compress_ppl(self, method: str, ratio: float, also: tuple = ()) -> list[float]:
+        """Compress at ``ratio`` and measure perplexity. ``also``: smaller
+        ratios of a PREFIX_METHODS method, taken from this run's intermediate
+        steps (their compression seconds are the time to reach that step).
+        Returns the ratios whose cells were written."""
+        from . import api
+
+        t0 = time.perf_counter()
+        snaps = {}
+        hook = None
+        base, opts = _method_call(method, self.options)
+        if also and base != "finercut":
+            dense, _ = self._load_dense()
+            want = {}
+            for r in also:
+                want.setdefault(api.removals_for_ratio(dense, r), []).append(r)
+            del dense
+
+            def snapshot(partial):
+                for r in want.get(partial.layers_before - partial.layers_after, []):
+                    api.save(partial, self.model_dir(method, r), overwrite=True)
+                    snaps[r] = _info(partial, opts)
+
+            hook = snapshot
+        hook_seconds = [0.0]
+        fc_left = sorted(also) if base == "finercut" else []
+        if fc_left:
+            from .methods.finercut import accept
+
+            def finercut_hook(partial):
+                # a smaller target's run stops where the larger run takes a step it would not:
+                # write that cell at once (replayed on a fresh model), so an interrupted run keeps it
+                h0 = time.perf_counter()
+                last = partial.report[-1]
+                before_step = last["removed_total"] - last["parameters"]
+                for r in list(fc_left):
+                    if not accept(before_step, last["parameters"], int(round(r * partial.params_before)), "nearest"):
+                        self._finercut_cell(method, r, ratio, partial.report, opts,
+                                            partial.seconds - hook_seconds[0])
+                        fc_left.remove(r)
+                hook_seconds[0] += time.perf_counter() - h0
+
+            hook = finercut_hook
+        out = self._compress(method, ratio, on_step=hook)
+        model, tok, info = out[0], out[1], out[2]
+        info["compress_seconds"] -= hook_seconds[0]
+        rec = self._ppl_record(method, ratio, model, tok, info, t0)
+        if self.needs_tasks(method, ratio) and method != DENSE:
             api.save(out[3], self.model_dir(method, ratio), overwrite=True)
         self.write(rec)
+        done = [ratio]
+        res = out[3] if len(out) > 3 else None
+        del model, out
+        for r in fc_left:  # stopped together with the larger run
+            self._finercut_cell(method, r, ratio, res.report, opts, res.seconds - hook_seconds[0])
+        done += list(also) if base == "finercut" else []
+        for r, sinfo in snaps.items():
+            t1 = time.perf_counter()
+            mdir = self.model_dir(method, r)
+            m, tk, _ = api.load(mdir)
+            self.write(self._ppl_record(method, r, m, tk if tk is not None else tok, sinfo, t1,
+                                        snapshot_of_ratio=ratio))
+            if not self.needs_tasks(method, r):
+                shutil.rmtree(mdir, ignore_errors=True)
+            done.append(r)
+        return done
+
+    def _finercut_cell(self, method: str, r: float, big_ratio: float, report: list, opts: dict,
+                       seconds: float) -> None:
+        """The FinerCut cell at ratio ``r`` rebuilt from the steps of a run at a larger ratio."""
+        from . import api
+        from .adapters import adapter_for, count_parameters
+        from .methods.finercut import replay
+
+        t1 = time.perf_counter()
+        m, tk = self._load_dense()
+        before = count_parameters(m)
+        outcome, k = replay(m, report, int(round(r * before)), "nearest")
+        after = count_parameters(m)
+        part = api.CompressionResult(
+            model=m, provenance=outcome.provenance, achieved_ratio=(before - after) / before, report=outcome.steps,
+            tokenizer=tk, method="finercut", settings={**outcome.settings, "replayed_from_ratio": big_ratio},
+            layers_before=len(outcome.provenance) + len(outcome.settings["deleted_layers"]),
+            layers_after=len(adapter_for(m).layers), params_before=before, params_after=after, seconds=seconds)
+        info = _info(part, opts)
+        info["compress_seconds_note"] = "time the larger run took to reach this point (incl. scoring the step it stopped at)"
+        self.write(self._ppl_record(method, r, m, tk, info, t1, snapshot_of_ratio=big_ratio))
+        if self.needs_tasks(method, r):
+            api.save(part, self.model_dir(method, r), overwrite=True)
 
     def run_tasks(self, method: str, ratio: float) -> None:
         rec = self.read(method, ratio)
@@ -209,32 +292,56 @@ class Sweep:
             shutil.rmtree(mdir, ignore_errors=True)
 
     def run(self) -> list[dict]:
-        import torch
         from tqdm.auto import tqdm
 
         work = self.pending()
         bar = tqdm(total=len(work), desc="sweep", disable=not self.progress, unit="piece")
+        finished = set()
         try:
             for method, ratio, stage in work:
-                bar.set_postfix_str(f"{_cell_name(method, ratio)} {stage}")
+                if (method, ratio, stage) in finished:
+                    continue
                 rec = self.read(method, ratio) or {}
                 if stage == "compress+ppl" and "ppl" not in rec:
-                    self.run_compress_ppl(method, ratio)
+                    base = _method_call(method, self.options)[0] if method != DENSE else DENSE
+                    group = [ratio]
+                    if base in PREFIX_METHODS:  # one run at the largest pending ratio gives the others
+                        group = sorted(r for m, r, s in work if m == method and s == stage
+                                       and (m, r, s) not in finished)
+                    bar.set_postfix_str(f"{_cell_name(method, group[-1])} {stage}"
+                                        + (f" (+{len(group) - 1} on the way)" if len(group) > 1 else ""))
+                    done = self.run_compress_ppl(method, group[-1], also=tuple(group[:-1]))
+                    for r in done:
+                        finished.add((method, r, stage))
+                    bar.update(len(done))
                 elif stage == "tasks":
+                    bar.set_postfix_str(f"{_cell_name(method, ratio)} {stage}")
                     self.run_tasks(method, ratio)
+                    bar.update(1)
+                else:
+                    bar.update(1)
+                finished.add((method, ratio, stage))
                 self.report()
-                bar.update(1)
         finally:
             bar.close()
         return self.report()
 
     # reporting --------------------------------------------------------------------------
     def records(self) -> list[dict]:
+        """Every finished cell under <out>/cells (also those of other methods or
+        of another sweep process writing to the same folder), dense first, then
+        in this sweep's method order."""
         recs = []
-        for m, r in self.cells():
-            rec = self.read(m, r)
-            if rec is not None:
+        for p in sorted((self.out / "cells").glob("*.json")):
+            try:
+                with open(p) as f:
+                    rec = json.load(f)
+            except (OSError, json.JSONDecodeError):
+                continue
+            if "ppl" in rec:
                 recs.append(rec)
+        order = {m: i for i, m in enumerate([DENSE] + self.methods)}
+        recs.sort(key=lambda r: (order.get(r["method"], len(order)), r["method"], r["ratio_asked"]))
         return recs
 
     def report(self) -> list[dict]:
@@ -246,6 +353,16 @@ class Sweep:
         except Exception as e:  # a missing matplotlib must not lose the tables
             print(f"plot skipped: {e.__class__.__name__}: {e}")
         return recs
+
+
+def _info(res, opts: dict) -> dict:
+    info = {"achieved_ratio": res.achieved_ratio, "layers": res.layers_after, "params": res.params_after,
+            "params_before": res.params_before, "compress_seconds": res.seconds, "provenance": res.provenance,
+            "settings": _jsonable(res.settings), "options": _jsonable(opts)}
+    sub = res.settings.get("sublayers")
+    if sub:
+        info["sublayers_removed"] = sub
+    return info
 
 
 def _jsonable(obj):
@@ -273,7 +390,7 @@ def write_csv(recs: list[dict], path: Path, tasks: list[str]) -> None:
     dense = next((r for r in recs if r["method"] == DENSE), None)
     cols = (["method", "ratio_asked", "achieved_ratio", "layers", "params", "compress_seconds", "eval_seconds", "ppl"]
             + tasks + ["avg", "above_chance", "provenance", "sublayers_removed", "options"])
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
@@ -392,8 +509,10 @@ def plot(recs: list[dict], path: Path, tasks: list[str]) -> None:
     ax2.legend(fontsize=7, ncol=2)
     if ax1.lines:
         ax1.legend(fontsize=7, ncol=2)
+    else:
+        ax1.text(0.5, 0.5, "no zero-shot results yet", ha="center", va="center", transform=ax1.transAxes)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     os.replace(tmp, path)

@@ -6,6 +6,14 @@ the tokenizer. Stock ``AutoModelForCausalLM.from_pretrained`` loads it without
 custom code. What come_fast knows about it (method, settings, provenance,
 achieved ratio) is recorded under the config key ``come_fast`` and, with the
 per-step report, in ``come_fast.json`` beside it.
+
+A result whose layers miss an attention or MLP sublayer (FinerCut) stores only
+the remaining weights, lists the missing sublayers under the config key
+``come_fast_sublayers`` and carries ``come_fast_sublayers.py`` (remote code,
+``auto_map``): ``come_fast.load`` reads it, and so does stock
+``from_pretrained(path, trust_remote_code=True)``; stock loading without
+``trust_remote_code`` would re-initialise the missing sublayers. Details in
+come_fast/sublayers.py.
 """
 from __future__ import annotations
 

@@ -3,9 +3,9 @@ calibration batches, the per-layer scores they rank by, "the model with this
 layer skipped / these layers replaced" evaluated from the stream's cached
 boundaries, and deletion or window merges with their provenance.
 
-Every method in come_fast/methods/ goes through these helpers (and the
-stream, scoring and merge modules under them): no method re-runs a model or
-edits a layer list by itself.
+Every method in come_fast/methods/ scores and edits through these helpers
+(and the stream, scoring and merge modules under them); the only forwards a
+method writes itself are the training closures it hands to come_fast.distill.
 """
 from __future__ import annotations
 

@@ -3,7 +3,6 @@ working compress on a tiny local model."""
 import json
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from come_fast.cli import main

@@ -236,7 +236,7 @@ def test_save_reload_stock_transformers(family, tmp_path):
 
 
 def test_embedded_default_calibration_is_sampled_cached_and_deterministic(tmp_path, monkeypatch):
-    from come_fast.calibration import default_calibration, sample_from_model
+    from come_fast.calibration import sample_from_model
 
     monkeypatch.setenv("COME_FAST_CACHE", str(tmp_path))
     model = tiny_model("llama")

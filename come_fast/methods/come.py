@@ -13,7 +13,6 @@ import hashlib
 import math
 import time
 
-import torch
 
 from ..calibration import LayerStream
 from ..merge import Selection, concat_merge, merge_provenance, query_heads, replace_pair

@@ -24,10 +24,14 @@ def sleb(ctx: Context, n_remove: int) -> Outcome:
         l = min(losses, key=lambda k: (losses[k], k))
         orig = prov[l]
         prov = ops.delete(a, stream, prov, [l])
-        if step + 1 < n_remove:
-            stream.run(l, collect=False)  # refresh the boundaries above the deleted layer
         steps.append({"step": step, "removed": l, "removed_original": orig,
                       "loss_without": [losses[k] for k in sorted(losses)], "seconds": t()})
+        if ctx.on_step:
+            ctx.on_step(prov, steps)  # the model now is exactly SLEB's result for step + 1 removals
+        if step + 1 < n_remove:
+            t1 = ops.Timer()
+            stream.run(l, collect=False)  # refresh the boundaries above the deleted layer
+            steps[-1]["seconds"] += t1()
         ops.tick(ctx, "removals", step + 1, n_remove)
     return Outcome(provenance=prov, steps=steps,
                    settings={"score": "calibration_loss_without_layer", "greedy": True, "score_rows": stream.n,
