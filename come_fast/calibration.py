@@ -70,11 +70,15 @@ def sample_from_model(model, tokenizer, n: int, seq_len: int, seed: int = 0) -> 
     out = torch.empty(n, seq_len, dtype=torch.long)
     from transformers import DynamicCache
 
+    import inspect
+
+    # transformers 5.24 renamed past_key_values to cache (the old name warns)
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with torch.inference_mode():
         cache = DynamicCache(config=model.config)
         cur = torch.full((n, 1), bos, dtype=torch.long, device=device)
         for t in range(seq_len):
-            logits = model(input_ids=cur, past_key_values=cache, use_cache=True).logits[:, -1].float()
+            logits = model(input_ids=cur, use_cache=True, **{key: cache}).logits[:, -1].float()
             probs = torch.softmax(logits, -1).cpu()
             nxt = torch.multinomial(probs, 1, generator=g)
             out[:, t] = nxt[:, 0]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -391,6 +392,11 @@ def test_evaluate_end_to_end(model, tokenizer, tmp_path):
     json.loads(json.dumps(res2))
     ev.write_json_atomic(res, tmp_path / "out" / "r.json")
     assert json.loads((tmp_path / "out" / "r.json").read_text()) == json.loads(json.dumps(res))
+    if os.name == "posix":  # not mkstemp's private 0600
+        umask = os.umask(0)
+        os.umask(umask)
+        assert (tmp_path / "out" / "r.json").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name != "r.json"]  # no temp file left
     table = ev.to_markdown({"dense": res, "half": res2})
     lines = table.splitlines()
     assert lines[0].startswith("| model | Wiki2 PPL | PIQA (acc_norm) | HellaSwag (acc_norm) | WinoG (acc)")
