@@ -83,7 +83,8 @@ def _check_finite(model) -> None:
 def compress(model, ratio: float | None = None, method: str = "come", calib=None, target_layers: int | None = None, *,
              tokenizer=None, faithful: bool = False, allow_repeat: bool = False, n_samples: int = 32,
              seq_len: int = 256, batch_size: int = 2, backend: str = "auto", rounding: str = "nearest",
-             seed: int = 0, progress: bool | Any = False, on_step=None, **options) -> CompressionResult:
+             seed: int = 0, progress: bool | Any = False, on_step=None, distill_steps: int = 0, teacher=None,
+             **options) -> CompressionResult:
     """Compress ``model`` in place by depth and return a ``CompressionResult``.
 
     ``model``: a Hugging Face causal LM (Llama, Mistral, Qwen2, Qwen3) or a name
@@ -94,6 +95,13 @@ def compress(model, ratio: float | None = None, method: str = "come", calib=None
     ``on_step(partial_result)``: called after every step of a progressive
     method with the result so far (its model is the live model: save it, do
     not change it), e.g. to keep the 10% and 20% points of a 30% run.
+    ``distill_steps=N``: after compressing, N steps of hierarchical distillation
+    from the original model along the provenance (come_fast.posttrain; options
+    ``distill_lr`` 1e-4, ``distill_mse`` 1.0, ``distill_kl`` 1.0,
+    ``distill_batch`` = batch_size) on the calibration rows. The teacher is a
+    copy of ``model`` taken before compression unless ``teacher=`` gives one
+    (an uncompressed model of the same architecture). on_step snapshots are
+    taken before the distillation.
     """
     if isinstance(model, (str, os.PathLike)):
         model, tok = load_model(model)
@@ -113,6 +121,23 @@ def compress(model, ratio: float | None = None, method: str = "come", calib=None
                          "pass allow_repeat=True or ask for less")
     fn = methods.get(method)
     _check_finite(model)
+    dopts = {k: options.pop(k) for k in list(options) if k.startswith("distill_")}
+    bad = set(dopts) - {"distill_lr", "distill_mse", "distill_kl", "distill_batch"}
+    if bad:
+        raise ValueError(f"unknown distillation option(s) {', '.join(sorted(bad))}")
+    if not (isinstance(distill_steps, int) and distill_steps >= 0):
+        raise ValueError(f"distill_steps must be a non-negative integer, got {distill_steps!r}")
+    if distill_steps and method == "finercut":
+        raise ValueError("distillation along the provenance needs whole layers; finercut removes sublayers")
+    if distill_steps and teacher is None:
+        import copy
+
+        teacher = copy.deepcopy(model)  # the original, before any layer is touched
+    if teacher is not None:
+        ta = adapter_for(teacher)
+        if len(ta.layers) != L:
+            raise ValueError(f"teacher has {len(ta.layers)} layers, the model to compress {L}: "
+                             "pass the uncompressed model")
     tokenizer = tokenizer if tokenizer is not None else _find_tokenizer(model)
     t0 = time.perf_counter()
     tokens = calibration_tokens(calib, model, tokenizer, n_samples, seq_len, seed)
@@ -139,9 +164,24 @@ def compress(model, ratio: float | None = None, method: str = "come", calib=None
             prov, list(steps), {"faithful": faithful, "allow_repeat": allow_repeat, "partial": True}))
     model.eval()
     outcome = fn(ctx, n_remove)
+    steps, settings = outcome.steps, dict(outcome.settings)
+    if distill_steps:
+        from .posttrain import hierarchical_distill
+
+        rep = hierarchical_distill(
+            a, adapter_for(teacher), tokens, outcome.provenance, steps=distill_steps,
+            lr=float(dopts.get("distill_lr", 1e-4)), mse=float(dopts.get("distill_mse", 1.0)),
+            kl=float(dopts.get("distill_kl", 1.0)), batch_size=int(dopts.get("distill_batch", batch_size)),
+            seed=seed, progress=bar is not None)
+        steps = list(steps) + [{"distillation": rep}]
+        settings["distill"] = {"steps": distill_steps, **{k[len("distill_"):]: v for k, v in dopts.items()},
+                               "loss_before": rep["loss_before"], "loss_after": rep["loss_after"]}
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            raise FloatingPointError(f"distillation diverged (loss {rep['loss_before']:.4g} -> "
+                                     f"{rep['loss_after']:.4g}): lower distill_lr")
     if hasattr(bar, "close"):
         bar.close()
-    return result(outcome.provenance, outcome.steps, outcome.settings)
+    return result(outcome.provenance, steps, settings)
 
 
 class _Bars:

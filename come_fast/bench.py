@@ -29,20 +29,24 @@ from pathlib import Path
 from typing import Optional
 
 # The sweep's methods in roughly increasing cost; "all" runs them in this order.
-ALL_METHODS = ("magnitude+", "shortgpt", "reverse", "taylor+", "laco", "slm", "streamline", "ppl", "come",
-               "come-faithful", "sleb", "finercut")
+ALL_METHODS = ("magnitude+", "shortgpt", "reverse", "reverse-recover", "taylor+", "laco", "slm", "streamline",
+               "ppl", "come", "come-p", "come-faithful", "come+distill", "sleb", "finercut")
 # Named variants: a registered method with fixed options.
-VARIANTS = {"come-faithful": ("come", {"faithful": True}), "reverse-recover": ("reverse", {"recover": True})}
+VARIANTS = {"come-faithful": ("come", {"faithful": True}), "reverse-recover": ("reverse", {"recover": True}),
+            "come+distill": ("come", {"distill_steps": 100})}
 # Methods that re-run the model once per candidate (or backpropagate) score on
 # the first calibration rows only, to fit a CPU budget; recorded per cell.
-DEFAULT_METHOD_OPTIONS = {"ppl": {"score_rows": 8}, "sleb": {"score_rows": 8}, "finercut": {"score_rows": 2}}
+# CoMe-P's grid is coarsened from 21 to 11 splits for the same reason (each split costs
+# a forward pass from the merged layer up plus the output head on all calibration tokens).
+DEFAULT_METHOD_OPTIONS = {"ppl": {"score_rows": 8}, "sleb": {"score_rows": 8}, "finercut": {"score_rows": 2},
+                          "come-p": {"grid_steps": 10}}
 DENSE = "dense"
 # Progressive methods whose run to n removals passes through the exact result
 # for every smaller n (same scores, same decisions): one run at the largest
 # pending ratio yields the smaller ratios' cells through ``on_step`` snapshots.
 # FinerCut's steps do not change the layer count: its smaller cells are
 # rebuilt from the larger run's recorded choices (methods.finercut.replay).
-PREFIX_METHODS = ("come", "sleb", "finercut")
+PREFIX_METHODS = ("come", "come-p", "sleb", "finercut")
 
 
 def _cell_name(method: str, ratio: float) -> str:
@@ -266,6 +270,23 @@ class Sweep:
         if self.needs_tasks(method, r):
             api.save(part, self.model_dir(method, r), overwrite=True)
 
+    def _rebuild_finercut(self, rec: dict):
+        """A FinerCut cell's model rebuilt from the sublayers it recorded (an
+        hour of greedy search on this CPU is not repeated to get them back)."""
+        from . import sublayers
+        from .adapters import adapter_for
+        from .methods.finercut import _finish
+
+        model, tok = self._load_dense()
+        a = adapter_for(model)
+        st = rec["settings"]
+        sublayers.apply_spec(a.layers, st["removed_sublayers_original"])
+        out = _finish(a, [], st["target_parameters"], st["rounding"], 0, {})
+        if out.provenance != rec.get("provenance"):
+            raise RuntimeError(f"rebuilt FinerCut model of {_cell_name(rec['method'], rec['ratio_asked'])} "
+                               f"differs from its record: {out.provenance} vs {rec.get('provenance')}")
+        return model, tok
+
     def run_tasks(self, method: str, ratio: float) -> None:
         rec = self.read(method, ratio)
         mdir = self.model_dir(method, ratio)
@@ -275,6 +296,9 @@ class Sweep:
             from . import api
 
             model, tok, _ = api.load(mdir)
+        elif _method_call(method, self.options)[0] == "finercut" and \
+                (rec.get("settings") or {}).get("removed_sublayers_original") is not None:
+            model, tok = self._rebuild_finercut(rec)
         else:  # the saved model is gone: compress again (same inputs, same result)
             out = self._compress(method, ratio)
             model, tok = out[0], out[1]
@@ -303,9 +327,10 @@ class Sweep:
                     continue
                 rec = self.read(method, ratio) or {}
                 if stage == "compress+ppl" and "ppl" not in rec:
-                    base = _method_call(method, self.options)[0] if method != DENSE else DENSE
+                    base, opts = _method_call(method, self.options) if method != DENSE else (DENSE, {})
                     group = [ratio]
-                    if base in PREFIX_METHODS:  # one run at the largest pending ratio gives the others
+                    # one run at the largest pending ratio gives the others (not when training follows)
+                    if base in PREFIX_METHODS and not opts.get("distill_steps"):
                         group = sorted(r for m, r, s in work if m == method and s == stage
                                        and (m, r, s) not in finished)
                     bar.set_postfix_str(f"{_cell_name(method, group[-1])} {stage}"
@@ -415,6 +440,43 @@ def _fmt_ppl(x: float) -> str:
     return "inf" if not math.isfinite(x) else (f"{x:.2f}" if x < 1000 else f"{x:.0f}")
 
 
+def summary_table(recs: list[dict], tasks: list[str]) -> list[str]:
+    """One row per method: perplexity at every ratio, the 7-task average where
+    measured, and the sweep's wall time for that method (compression + evaluation,
+    all its cells; a prefix method's smaller cells come out of one run, so its
+    compression time is that run's). Sorted by perplexity at the largest ratio."""
+    ratios = sorted({r["ratio_asked"] for r in recs if r["method"] != DENSE})
+    task_ratios = [x for x in ratios if any(_avg(r, tasks) is not None for r in recs if r["ratio_asked"] == x)]
+    by: dict = {}
+    for r in recs:
+        by.setdefault(r["method"], {})[r["ratio_asked"]] = r
+    head = (["method"] + [f"PPL {100 * x:g}%" for x in ratios] + [f"Avg {100 * x:g}%" for x in task_ratios]
+            + ["compress s", "eval s", "wall s"])
+    out = ["## Summary", "", "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+
+    def key(m):
+        cells = by[m]
+        last = cells.get(ratios[-1]) if ratios else None
+        return (m != DENSE, last["ppl"] if last else math.inf, m)
+
+    for m in sorted(by, key=key):
+        cells = by[m]
+        ppl = [_fmt_ppl(cells[x]["ppl"]) if x in cells else "-" for x in ratios]
+        if m == DENSE:  # the reference, repeated under every ratio
+            ppl = [_fmt_ppl(cells[0.0]["ppl"])] * len(ratios)
+        avg = []
+        for x in task_ratios:
+            c = cells.get(0.0 if m == DENSE else x)
+            a = _avg(c, tasks) if c else None
+            avg.append("-" if a is None else f"{100 * a:.1f}")
+        snap = [c for c in cells.values() if c.get("snapshot_of_ratio") is not None]
+        comp = sum(c["compress_seconds"] for c in cells.values() if c.get("snapshot_of_ratio") is None) \
+            if snap else sum(c["compress_seconds"] for c in cells.values())
+        ev = sum(c.get("eval_seconds", 0.0) for c in cells.values())
+        out.append("| " + " | ".join([m + (" (reference)" if m == DENSE else "")] + ppl + avg + [f"{comp:.0f}", f"{ev:.0f}", f"{comp + ev:.0f}"]) + " |")
+    return out
+
+
 def to_markdown(recs: list[dict], sweep: Optional[Sweep] = None) -> str:
     tasks = sweep.zero_shot if sweep else list(_SHORT)
     dense = next((r for r in recs if r["method"] == DENSE), None)
@@ -444,6 +506,7 @@ def to_markdown(recs: list[dict], sweep: Optional[Sweep] = None) -> str:
         out += ["| " + " | ".join(row(r)) + " |" for r in rows]
         return out
 
+    lines += summary_table(recs, tasks) + [""]
     if dense:
         lines += ["## Dense", ""] + table([dense]) + [""]
     for ratio in ratios:
@@ -453,7 +516,7 @@ def to_markdown(recs: list[dict], sweep: Optional[Sweep] = None) -> str:
     lines += ["`*`: layers with an attention or MLP sublayer removed (FinerCut); `achieved` counts all parameters, "
               "embeddings included.", "",
               "With 200 examples per task the standard error is about 3 points: differences under about 5 points "
-              "are noise. BoolQ is no signal for this model (see docs/evaluation.md); WinoGrande, ARC-c and "
+              "are noise. BoolQ is no signal for this model (dense scores below always answering yes); WinoGrande, ARC-c and "
               "OpenBookQA sit at chance even dense. Perplexity, PIQA, HellaSwag and ARC-e are the signals that move.",
               ""]
     # wall time per method
@@ -473,45 +536,76 @@ def to_markdown(recs: list[dict], sweep: Optional[Sweep] = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Perplexities above this are drawn as triangles on the top edge: a destroyed
+# model (10^9) would otherwise squash every usable line into the bottom tenth.
+PPL_CEILING = 1e4
+
+
 def plot(recs: list[dict], path: Path, tasks: list[str]) -> None:
+    """Average accuracy and perplexity against the parameters removed, one line
+    per method starting from the dense model; one colour and marker per method
+    in both panels, one legend below them."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     dense = next((r for r in recs if r["method"] == DENSE), None)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5.6))
     methods = [m for m in dict.fromkeys(r["method"] for r in recs) if m != DENSE]
-    for m in methods:
+    colours = plt.get_cmap("tab20").colors
+    markers = "osD^vP*Xh<>p8d"
+    d_acc = _avg(dense, tasks) if dense is not None else None
+    top = PPL_CEILING
+    if dense is not None:
+        top = max(PPL_CEILING, 10 * dense["ppl"])
+    clipped = False
+    for k, m in enumerate(methods):
+        style = dict(color=colours[(2 * k) % 20 if k < 10 else (2 * k + 1) % 20], marker=markers[k % len(markers)],
+                     ms=5, lw=1.4)
         rs = sorted((r for r in recs if r["method"] == m), key=lambda r: r["achieved_ratio"])
         acc = [(100 * r["achieved_ratio"], 100 * _avg(r, tasks)) for r in rs if _avg(r, tasks) is not None]
+        if acc and d_acc is not None:
+            acc = [(0.0, 100 * d_acc)] + acc
         if acc:
-            ax1.plot(*zip(*acc), marker="o", label=m)
+            ax1.plot(*zip(*acc), label=m, **style)
         ppl = [(100 * r["achieved_ratio"], r["ppl"]) for r in rs if math.isfinite(r["ppl"])]
+        if ppl and dense is not None:
+            ppl = [(0.0, dense["ppl"])] + ppl
         if ppl:
-            ax2.plot(*zip(*ppl), marker="o", label=m)
+            xs, ys = zip(*ppl)
+            ax2.plot(xs, [min(y, top) for y in ys], label=m, **style)
+            over = [(x, top) for x, y in ppl if y > top]
+            if over:
+                clipped = True
+                ax2.plot(*zip(*over), ls="none", marker="^", ms=9, color=style["color"])
+    if d_acc is not None:
+        ax1.axhline(100 * d_acc, color="k", ls="--", lw=1, label="dense")
     if dense is not None:
-        if _avg(dense, tasks) is not None:
-            ax1.axhline(100 * _avg(dense, tasks), color="k", ls="--", lw=1, label="dense")
-        ax2.axhline(dense["ppl"], color="k", ls="--", lw=1, label="dense")
-    if recs and all(k in (recs[0].get("tasks") or {}) for k in tasks):
-        chance = sum(recs[0]["tasks"][k]["chance"] for k in tasks) / len(tasks)
-        ax1.axhline(100 * chance, color="gray", ls=":", lw=1, label="chance")
+        ax2.axhline(dense["ppl"], color="k", ls="--", lw=1)
+    if dense is not None and all(k in (dense.get("tasks") or {}) for k in tasks):
+        chance = sum(dense["tasks"][k]["chance"] for k in tasks) / len(tasks)
+        ax1.axhline(100 * chance, color="gray", ls=":", lw=1, label="chance (task mean)")
     ax1.set_xlabel("parameters removed (%)")
-    ax1.set_ylabel("average accuracy, 7 tasks (%)")
-    ax1.set_title("zero-shot average")
+    ax1.set_ylabel(f"average accuracy, {len(tasks)} tasks (%)")
+    ax1.set_title("zero-shot average (higher is better)")
     ax2.set_xlabel("parameters removed (%)")
-    ax2.set_ylabel("WikiText-2 perplexity (log)")
+    ax2.set_ylabel("WikiText-2 perplexity (log scale)")
     ax2.set_yscale("log")
-    ax2.set_title("WikiText-2 perplexity")
+    ax2.set_title("WikiText-2 perplexity (lower is better)"
+                  + (f"\n\u25b2: above {top:.0e}, drawn at the edge" if clipped else ""))
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
-    ax2.legend(fontsize=7, ncol=2)
-    if ax1.lines:
-        ax1.legend(fontsize=7, ncol=2)
-    else:
+    if not any(ln.get_xydata().size for ln in ax1.lines if ln.get_label() in methods):
         ax1.text(0.5, 0.5, "no zero-shot results yet", ha="center", va="center", transform=ax1.transAxes)
-    fig.tight_layout()
+    seen = {}
+    for ax in (ax2, ax1):  # every method has a perplexity; dense and chance lines come from ax1
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(lab, h)
+    labels = [m for m in methods if m in seen] + [lab for lab in seen if lab not in methods]
+    handles = [seen[lab] for lab in labels]
+    fig.legend(handles, labels, loc="lower center", ncol=min(8, max(1, len(labels))), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
     fig.savefig(tmp, dpi=120)
     plt.close(fig)

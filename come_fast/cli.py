@@ -38,7 +38,9 @@ def _compress(args) -> int:
     res = api.compress(model, ratio=args.ratio, target_layers=args.target_layers, method=args.method,
                        calib=args.calib, tokenizer=tok, faithful=args.faithful, allow_repeat=args.allow_repeat,
                        n_samples=args.n_samples, seq_len=args.seq_len, batch_size=args.batch_size,
-                       backend=args.backend, rounding=args.rounding, seed=args.seed, progress=not args.quiet)
+                       backend=args.backend, rounding=args.rounding, seed=args.seed, progress=not args.quiet,
+                       distill_steps=args.distill_steps,
+                       **({} if args.distill_lr is None else {"distill_lr": args.distill_lr}))
     print(res.summary())
     print(f"provenance: {json.dumps(res.provenance)}")
     path = api.save(res, out, overwrite=args.overwrite)
@@ -137,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--rounding", default="nearest", choices=["nearest", "down", "up"],
                    help="how --ratio is met with whole layers")
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--distill-steps", type=int, default=0,
+                   help="then N steps of hierarchical distillation from the original model (0: none)")
+    c.add_argument("--distill-lr", type=float, default=None, help="distillation learning rate (default 1e-4)")
     c.add_argument("--threads", type=int, default=None)
     c.add_argument("--out", required=True)
     c.add_argument("--overwrite", action="store_true")

@@ -477,6 +477,7 @@ def test_bench_cells_resume_and_tables(tmp_path):
                      data_dir=tmp_path, progress=False)
     assert len(sw.pending()) == 5 + 3  # dense + 4 cells to compress, dense + 2 cells with tasks
     assert bench._method_call("come-faithful", {}) == ("come", {"faithful": True})
+    assert bench._method_call("come+distill", {}) == ("come", {"distill_steps": 100})
     assert bench._method_call("sleb", {"sleb": {"score_rows": 3}}) == ("sleb", {"score_rows": 3})
     task = {"acc": 0.6, "acc_norm": 0.7, "headline": "acc_norm", "chance": 0.25, "n": 200, "seconds": 1.0}
     base = {"model": "m", "ppl": 30.0, "layers": 30, "params": 100, "compress_seconds": 0.0, "eval_seconds": 1.0,
@@ -493,6 +494,9 @@ def test_bench_cells_resume_and_tables(tmp_path):
     md = (tmp_path / "quality.md").read_text()
     assert "| shortgpt | 0.3 | 31.0% |" in md and "50%" in md  # (0.475 - 0.25) / (0.7 - 0.25)
     assert "Wall time per method" in md
+    # summary: the perplexity per ratio asked (no 10% cell yet), the task average, the wall time summed
+    assert "| method | PPL 30% | Avg 30% | compress s | eval s | wall s |" in md
+    assert "| shortgpt | 300.00 | 47.5 | 0 | 1 | 1 |" in md
     rows = (tmp_path / "quality.csv").read_text().splitlines()
     assert rows[0].startswith("method,ratio_asked,achieved_ratio") and len(rows) == 3
     assert (tmp_path / "quality.png").stat().st_size > 1000
@@ -509,3 +513,24 @@ def test_cli_bench_quality_arguments():
     assert _parse_option("laco:laco_threshold=0.5") == ("laco", "laco_threshold", 0.5)
     with pytest.raises(ValueError, match="METHOD:KEY=VALUE"):
         _parse_option("sleb=4")
+
+
+def test_bench_rebuilds_a_finercut_cell_from_its_record(tmp_path, monkeypatch):
+    """A FinerCut cell whose saved model is gone is rebuilt from the sublayers
+    its record lists (not searched again) and equals the compressed model."""
+    from come_fast import bench
+
+    ids = tokens(n=4)
+    model = tiny_model("llama", num_hidden_layers=6)
+    res = come_fast.compress(model, ratio=0.3, method="finercut", calib=ids)
+    sw = bench.Sweep(methods="finercut", ratios=(0.3,), out=tmp_path, data_dir=tmp_path, progress=False)
+    rec = {"method": "finercut", "ratio_asked": 0.3, **bench._info(res, {})}
+    monkeypatch.setattr(sw, "_load_dense", lambda: (tiny_model("llama", num_hidden_layers=6), None))
+    monkeypatch.setattr(sw, "_compress", lambda *a, **k: pytest.fail("the search must not run again"))
+    rebuilt, _ = sw._rebuild_finercut(json.loads(json.dumps(rec)))
+    assert count_parameters(rebuilt) == count_parameters(model)
+    x = tokens(n=1, T=7)
+    assert torch.equal(logits(rebuilt, x), logits(model, x))
+    rec["provenance"] = rec["provenance"][:-1]
+    with pytest.raises(RuntimeError, match="differs from its record"):
+        sw._rebuild_finercut(json.loads(json.dumps(rec)))

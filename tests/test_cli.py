@@ -80,3 +80,15 @@ def test_bad_models_and_calibration(capsys, tiny_dir, tmp_path):
     code, _, err = run(capsys, "compress", "--model", tiny_dir, "--target-layers", 4, "--calib", empty,
                        "--method", "nope", "--out", tmp_path / "x")
     assert code == 2 and "unknown method" in err
+
+
+def test_compress_with_distillation(capsys, tiny_dir, calib_file, tmp_path):
+    code, out, err = run(capsys, "compress", "--model", tiny_dir, "--target-layers", 4, "--calib", calib_file,
+                         "--distill-steps", 3, "--distill-lr", 1e-3, "--out", tmp_path / "d", "--quiet")
+    assert code == 0, err
+    meta = json.loads((tmp_path / "d" / "come_fast.json").read_text())
+    assert len(meta["report"]) == 3 and meta["report"][-1]["distillation"]["steps"] == 3
+    assert meta["settings"]["distill"]["lr"] == 1e-3
+    code, _, err = run(capsys, "compress", "--model", tiny_dir, "--target-layers", 4, "--calib", calib_file,
+                       "--distill-steps", -2, "--out", tmp_path / "e", "--quiet")
+    assert code == 2 and "distill_steps" in err and not (tmp_path / "e").exists()

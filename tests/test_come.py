@@ -252,18 +252,20 @@ def test_embedded_default_calibration_is_sampled_cached_and_deterministic(tmp_pa
     assert float(p[a[:, 0]].min()) > 1e-6
 
 
-def test_progressive_snapshots_equal_shorter_runs(tmp_path):
-    """CoMe is progressive: the state after k steps of a longer run is the
-    result of a k-step run (what on_step snapshots rely on)."""
+@pytest.mark.parametrize("method,opts", [("come", {}), ("come-p", {"grid_steps": 3})])
+def test_progressive_snapshots_equal_shorter_runs(method, opts):
+    """CoMe and CoMe-P are progressive: the state after k steps of a longer run
+    is the result of a k-step run (what on_step snapshots, and the sweep's
+    one-run-for-all-ratios, rely on)."""
     ids = tokens()
     saved = {}
 
     def keep(partial):
         saved[partial.layers_after] = (partial.provenance, {k: v.clone() for k, v in partial.model.state_dict().items()})
 
-    come_fast.compress(tiny_model("mistral"), target_layers=3, calib=ids, on_step=keep)
+    come_fast.compress(tiny_model("mistral"), target_layers=3, calib=ids, on_step=keep, method=method, **opts)
     assert sorted(saved) == [3, 4, 5]
-    short = come_fast.compress(tiny_model("mistral"), target_layers=5, calib=ids)
+    short = come_fast.compress(tiny_model("mistral"), target_layers=5, calib=ids, method=method, **opts)
     prov, sd = saved[5]
     assert prov == short.provenance
     assert all(torch.equal(sd[k], v) for k, v in short.model.state_dict().items())
