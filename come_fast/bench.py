@@ -30,16 +30,18 @@ from typing import Optional
 
 # The sweep's methods in roughly increasing cost; "all" runs them in this order.
 ALL_METHODS = ("magnitude+", "shortgpt", "reverse", "reverse-recover", "taylor+", "laco", "slm", "streamline",
-               "ppl", "come", "come-p", "come-faithful", "come+distill", "sleb", "finercut")
-# Named variants: a registered method with fixed options.
+               "ppl", "come", "come-p", "come-faithful", "sleb", "finercut")
+# Named variants: a registered method with fixed options. "come+distill" (CoMe, then
+# 100 steps of hierarchical distillation) is not in "all": post-training is not part
+# of the no-training comparison, and it costs as much again as the compression.
 VARIANTS = {"come-faithful": ("come", {"faithful": True}), "reverse-recover": ("reverse", {"recover": True}),
             "come+distill": ("come", {"distill_steps": 100})}
 # Methods that re-run the model once per candidate (or backpropagate) score on
 # the first calibration rows only, to fit a CPU budget; recorded per cell.
-# CoMe-P's grid is coarsened from 21 to 11 splits for the same reason (each split costs
+# CoMe-P's grid is coarsened from 21 to 5 splits (r = 0, 1/4, ..., 1) for the same reason (each split costs
 # a forward pass from the merged layer up plus the output head on all calibration tokens).
 DEFAULT_METHOD_OPTIONS = {"ppl": {"score_rows": 8}, "sleb": {"score_rows": 8}, "finercut": {"score_rows": 2},
-                          "come-p": {"grid_steps": 10}}
+                          "come-p": {"grid_steps": 4}}
 DENSE = "dense"
 # Progressive methods whose run to n removals passes through the exact result
 # for every smaller n (same scores, same decisions): one run at the largest
@@ -289,7 +291,10 @@ class Sweep:
 
     def run_tasks(self, method: str, ratio: float) -> None:
         rec = self.read(method, ratio)
+        if all(t in rec.get("tasks", {}) for t in self.zero_shot):
+            return  # another sweep process writing to the same folder did it
         mdir = self.model_dir(method, ratio)
+        extra = {}
         if method == DENSE:
             model, tok = self._load_dense()
         elif mdir.is_dir():
@@ -303,12 +308,15 @@ class Sweep:
             out = self._compress(method, ratio)
             model, tok = out[0], out[1]
             if out[2]["provenance"] != rec.get("provenance"):
-                rec["recompressed_provenance_differs"] = out[2]["provenance"]
-        todo = [t for t in self.zero_shot if t not in rec.get("tasks", {})]
+                extra["recompressed_provenance_differs"] = out[2]["provenance"]
         from .eval import evaluate_task
 
-        for t in todo:
+        for t in self.zero_shot:
+            rec = self.read(method, ratio)  # re-read: another process may have added tasks meanwhile
+            if t in rec.get("tasks", {}):
+                continue
             r = evaluate_task(model, tok, t, self.data_dir, limit=self.limit, progress=bool(self.verbose))
+            rec = {**self.read(method, ratio), **extra}
             rec.setdefault("tasks", {})[t] = r
             rec["eval_seconds"] = rec.get("eval_seconds", 0.0) + r["seconds"]
             self.write(rec)  # each task is kept as soon as it is done

@@ -489,6 +489,9 @@ def test_bench_cells_resume_and_tables(tmp_path):
     left = sw.pending()
     assert ("dense", 0.0, "compress+ppl") not in left and ("dense", 0.0, "tasks") not in left
     assert ("shortgpt", 0.3, "tasks") not in left and ("shortgpt", 0.1, "compress+ppl") in left
+    # a cell another process finished is not loaded or compressed again
+    sw._compress = lambda *a, **k: pytest.fail("must not compress a finished cell")
+    sw.run_tasks("shortgpt", 0.3)
     recs = sw.report()
     assert [r["method"] for r in recs] == ["dense", "shortgpt"]
     md = (tmp_path / "quality.md").read_text()
