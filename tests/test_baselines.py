@@ -498,8 +498,8 @@ def test_bench_cells_resume_and_tables(tmp_path):
     assert "| shortgpt | 0.3 | 31.0% |" in md and "50%" in md  # (0.475 - 0.25) / (0.7 - 0.25)
     assert "Wall time per method" in md
     # summary: the perplexity per ratio asked (no 10% cell yet), the task average, the wall time summed
-    assert "| method | PPL 30% | Avg 30% | compress s | eval s | wall s |" in md
-    assert "| shortgpt | 300.00 | 47.5 | 0 | 1 | 1 |" in md
+    assert "| method | PPL 30% | Avg 30% | PIQA/HS/ARC-e 30% | compress s | eval s | wall s |" in md
+    assert "| shortgpt | 300.00 | 47.5 | 47.5 | 0 | 1 | 1 |" in md
     rows = (tmp_path / "quality.csv").read_text().splitlines()
     assert rows[0].startswith("method,ratio_asked,achieved_ratio") and len(rows) == 3
     assert (tmp_path / "quality.png").stat().st_size > 1000
