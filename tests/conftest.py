@@ -45,3 +45,12 @@ def smollm2():
         return m
 
     return fresh, tok
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: one thread avoids the synchronisation cost of two on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -21,13 +21,7 @@ from tiny import FAMILIES, tiny_model, tokens
 BASELINES = ["shortgpt", "reverse", "sleb", "taylor+", "magnitude+", "ppl", "laco", "slm", "streamline", "finercut"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny matrices: one thread avoids the synchronisation cost of two on a busy machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: see conftest
 
 
 def hidden_states(model, ids):

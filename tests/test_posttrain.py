@@ -16,12 +16,7 @@ from come_fast.posttrain import _run_layers, hierarchical_distill, last_original
 from tiny import tiny_model, tokens
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: see conftest
 
 
 def layer_outputs(model, ids):
