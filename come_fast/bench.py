@@ -485,9 +485,8 @@ def summary_table(recs: list[dict], tasks: list[str]) -> list[str]:
                 c = cells.get(0.0 if m == DENSE else x)
                 a = _avg(c, group) if c else None
                 avg.append("-" if a is None else f"{100 * a:.1f}")
-        snap = [c for c in cells.values() if c.get("snapshot_of_ratio") is not None]
-        comp = sum(c["compress_seconds"] for c in cells.values() if c.get("snapshot_of_ratio") is None) \
-            if snap else sum(c["compress_seconds"] for c in cells.values())
+        # a snapshot cell's seconds are part of the run it came from: count that run once
+        comp = sum(c["compress_seconds"] for c in cells.values() if c.get("snapshot_of_ratio") is None)
         ev = sum(c.get("eval_seconds", 0.0) for c in cells.values())
         out.append("| " + " | ".join([m + (" (reference)" if m == DENSE else "")] + ppl + avg + [f"{comp:.0f}", f"{ev:.0f}", f"{comp + ev:.0f}"]) + " |")
     return out
