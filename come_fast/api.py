@@ -74,10 +74,10 @@ def _find_tokenizer(model):
         return None
 
 
-def _check_finite(model) -> None:
+def _check_finite(model, why: str = "refusing to compress", error: type = ValueError) -> None:
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():
-            raise ValueError(f"model parameter {name} holds NaN or Inf: refusing to compress")
+            raise error(f"model parameter {name} holds NaN or Inf: {why}")
 
 
 def compress(model, ratio: float | None = None, method: str = "come", calib=None, target_layers: int | None = None, *,
@@ -176,9 +176,8 @@ def compress(model, ratio: float | None = None, method: str = "come", calib=None
         steps = list(steps) + [{"distillation": rep}]
         settings["distill"] = {"steps": distill_steps, **{k[len("distill_"):]: v for k, v in dopts.items()},
                                "loss_before": rep["loss_before"], "loss_after": rep["loss_after"]}
-        if not all(torch.isfinite(p).all() for p in model.parameters()):
-            raise FloatingPointError(f"distillation diverged (loss {rep['loss_before']:.4g} -> "
-                                     f"{rep['loss_after']:.4g}): lower distill_lr")
+        _check_finite(model, f"distillation diverged (loss {rep['loss_before']:.4g} -> {rep['loss_after']:.4g}); "
+                             "lower distill_lr", FloatingPointError)
     if hasattr(bar, "close"):
         bar.close()
     return result(outcome.provenance, steps, settings)

@@ -187,6 +187,21 @@ def cosine_rows(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return sim.nan_to_num(nan=0.5).clamp(0, 1)
 
 
+def run_layers(adapter: Adapter, layers, x: torch.Tensor, position_ids: torch.Tensor,
+               position_embeddings=None, on_output=None) -> torch.Tensor:
+    """Run decoder ``layers`` in order on hidden states ``x`` [b, T, d] and
+    return the last output. No attention mask: calibration rows are full, and
+    the layers attend causally without one. ``position_embeddings`` may be
+    passed when cached; ``on_output(i, h)`` sees the output of each layer."""
+    p = position_ids.expand(x.shape[0], -1)
+    pe = position_embeddings if position_embeddings is not None else adapter.rotary(x, p)
+    for i, layer in enumerate(layers):
+        x = layer(x, attention_mask=None, position_ids=p, position_embeddings=pe)
+        if on_output is not None:
+            on_output(i, x)
+    return x
+
+
 class LayerStream:
     """Layer-by-layer forward over fixed calibration batches with cached boundaries.
 
@@ -249,9 +264,8 @@ class LayerStream:
         outs = []
         for i in range(0, self.n, self.bs):
             xb = x[i:i + self.bs]
-            pe = self.position_embeddings[xb.shape[0]]
-            outs.append(layer(xb, attention_mask=None, position_ids=self.position_ids.expand(xb.shape[0], -1),
-                              position_embeddings=pe))
+            outs.append(run_layers(self.adapter, [layer], xb, self.position_ids,
+                                   self.position_embeddings[xb.shape[0]]))
         return torch.cat(outs)
 
     def _accumulator(self, acc: torch.Tensor):

@@ -19,11 +19,28 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
+
+
+@contextmanager
+def training_only(model: torch.nn.Module, params: Iterable[torch.nn.Parameter]):
+    """Within the block only ``params`` of ``model`` take gradients; the
+    previous flags come back afterwards, also on error."""
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p, f in flags.items():
+            p.requires_grad_(f)
 
 
 @dataclass

@@ -27,7 +27,8 @@ from typing import Optional
 import torch
 
 from .adapters import Adapter
-from .distill import LossWeights, distill, evaluate_loss
+from .calibration import run_layers
+from .distill import LossWeights, distill, evaluate_loss, training_only
 
 
 def last_original(item) -> int:
@@ -38,16 +39,10 @@ def last_original(item) -> int:
 
 
 def _run_layers(a: Adapter, x: torch.Tensor, pos: torch.Tensor, keep: Optional[set] = None):
-    """Run the decoder layers on embedded input ``x``; returns the outputs of the
-    layers in ``keep`` (all when None), in layer order, and the last output."""
-    p = pos.expand(x.shape[0], -1)
-    pe = a.rotary(x, p)
+    """The outputs of the layers in ``keep`` (all when None), in layer order, and the last output."""
     outs = []
-    for i, layer in enumerate(a.layers):
-        x = layer(x, attention_mask=None, position_ids=p, position_embeddings=pe)
-        if keep is None or i in keep:
-            outs.append(x)
-    return outs, x
+    last = run_layers(a, a.layers, x, pos, on_output=lambda i, h: outs.append(h) if keep is None or i in keep else None)
+    return outs, last
 
 
 @torch.no_grad()
@@ -91,12 +86,7 @@ def hierarchical_distill(student: Adapter, teacher: Adapter, tokens: torch.Tenso
     w_head, b_head = teacher.lm_head.weight, getattr(teacher.lm_head, "bias", None)
 
     model = student.model
-    flags = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
     params = [p for layer in student.layers for p in layer.parameters()]
-    for p in params:
-        p.requires_grad_(True)
 
     def forward(idx):
         x = student.embed(tokens[idx].to(device))
@@ -113,13 +103,12 @@ def hierarchical_distill(student: Adapter, teacher: Adapter, tokens: torch.Tenso
     weights = LossWeights(mse=mse, kl=kl, ce=0.0)
     n = tokens.shape[0]
     try:
-        before = evaluate_loss(forward, n, weights, batch_size)
-        rep = distill(forward, params, n, steps=steps, lr=lr, batch_size=batch_size, weights=weights, seed=seed,
-                      progress=progress, label="distillation steps")
-        after = evaluate_loss(forward, n, weights, batch_size)
+        with training_only(model, params):
+            before = evaluate_loss(forward, n, weights, batch_size)
+            rep = distill(forward, params, n, steps=steps, lr=lr, batch_size=batch_size, weights=weights, seed=seed,
+                          progress=progress, label="distillation steps")
+            after = evaluate_loss(forward, n, weights, batch_size)
     finally:
-        for p, f in flags.items():
-            p.requires_grad_(f)
         model.eval()
     return {"loss_before": before, "loss_after": after, "loss_first_step": rep.loss_first,
             "loss_last_step": rep.loss_last, "steps": steps, "seconds": time.perf_counter() - t0,

@@ -122,3 +122,5 @@ def test_distillation_errors():
                            teacher=tiny_model("llama", num_hidden_layers=4))
     with pytest.raises(ValueError, match="sublayers"):
         come_fast.compress(tiny_model("llama"), ratio=0.2, calib=ids, method="finercut", distill_steps=2)
+    with pytest.raises(FloatingPointError, match="distillation diverged .*lower distill_lr"):
+        come_fast.compress(tiny_model("llama"), target_layers=4, calib=ids, distill_steps=3, distill_lr=1e30)

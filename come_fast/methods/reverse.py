@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 
 from .. import layerops as ops
-from ..distill import LossWeights, distill, evaluate_loss
+from ..calibration import run_layers
+from ..distill import LossWeights, distill, evaluate_loss, training_only
 from . import Context, Outcome, register
 
 
@@ -58,19 +59,10 @@ def _recover(ctx, stream, teacher, w0, b0, settings: dict) -> dict:
     tokens = stream.tokens
     pos = stream.position_ids
     trained = list(a.layers[start:]) + [a.final_norm, a.lm_head]
-    model = a.model
-    flags = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
     params = [p for m in trained for p in m.parameters()]
-    for p in params:
-        p.requires_grad_(True)
 
     def forward(idx):
-        x = x_in[idx]
-        pe = a.rotary(x, pos.expand(x.shape[0], -1))
-        for layer in a.layers[start:]:
-            x = layer(x, attention_mask=None, position_ids=pos.expand(x.shape[0], -1), position_embeddings=pe)
+        x = run_layers(a, a.layers[start:], x_in[idx], pos)
         logits = a.lm_head(a.final_norm(x))[:, :-1]
         with torch.no_grad():
             tl = torch.nn.functional.linear(teacher[idx], w0, b0)[:, :-1]
@@ -79,15 +71,12 @@ def _recover(ctx, stream, teacher, w0, b0, settings: dict) -> dict:
     w = LossWeights(mse=0.0, kl=float(o.get("recover_kl", 1.0)), ce=float(o.get("recover_ce", 0.0)))
     bs = int(o.get("recover_batch", 2))
     n = x_in.shape[0]
-    try:
+    with training_only(a.model, params):
         before = evaluate_loss(forward, n, w, bs)
         rep = distill(forward, params, n, steps=int(o.get("recover_steps", 100)), lr=float(o.get("recover_lr", 1e-4)),
                       batch_size=bs, weights=w, seed=int(o.get("seed", 0)), progress=ctx.progress or False,
                       label="recovery steps")
         after = evaluate_loss(forward, n, w, bs)
-    finally:
-        for p, f in flags.items():
-            p.requires_grad_(f)
     settings.update({"recover_layers": k, "recover_steps": rep.steps, "recover_weights": rep.weights,
                      **{f"recover_{key}": v for key, v in rep.settings.items()}})
     return {"recovery": {"trained_layers": list(range(start, L)), "loss_before": before, "loss_after": after,

@@ -22,7 +22,8 @@ import copy
 import torch
 
 from .. import layerops as ops
-from ..distill import LossWeights, distill, evaluate_loss
+from ..calibration import run_layers
+from ..distill import LossWeights, distill, evaluate_loss, training_only
 from . import Context, Outcome, register
 
 
@@ -49,25 +50,18 @@ def streamline(ctx: Context, n_remove: int) -> Outcome:
         y = stream.hidden_with(j, list(a.layers[j:j + b]), final_norm=False).clone()  # the block's output
     new = copy.deepcopy(a.layers[j])
     pos = stream.position_ids
-    model_flags = [p.requires_grad for p in new.parameters()]
-    for p in new.parameters():
-        p.requires_grad_(True)
 
     def forward(idx):
-        x = x_in[idx]
-        pe = a.rotary(x, pos.expand(x.shape[0], -1))
-        h = new(x, attention_mask=None, position_ids=pos.expand(x.shape[0], -1), position_embeddings=pe)
-        return {"hidden": h, "hidden_target": y[idx]}
+        return {"hidden": run_layers(a, [new], x_in[idx], pos), "hidden_target": y[idx]}
 
     w = LossWeights(mse=1.0)
     bs = int(o.get("streamline_batch", 2))
-    mse_before = evaluate_loss(forward, x_in.shape[0], w, bs)
-    rep = distill(forward, list(new.parameters()), x_in.shape[0], steps=int(o.get("streamline_steps", 100)),
-                  lr=float(o.get("streamline_lr", 1e-4)), batch_size=bs, weights=w, seed=int(o.get("seed", 0)),
-                  progress=ctx.progress or False, label="replacement steps")
-    mse_after = evaluate_loss(forward, x_in.shape[0], w, bs)
-    for p, f in zip(new.parameters(), model_flags):
-        p.requires_grad_(f)
+    with training_only(new, new.parameters()):
+        mse_before = evaluate_loss(forward, x_in.shape[0], w, bs)
+        rep = distill(forward, list(new.parameters()), x_in.shape[0], steps=int(o.get("streamline_steps", 100)),
+                      lr=float(o.get("streamline_lr", 1e-4)), batch_size=bs, weights=w, seed=int(o.get("seed", 0)),
+                      progress=ctx.progress or False, label="replacement steps")
+        mse_after = evaluate_loss(forward, x_in.shape[0], w, bs)
     prov = ops.fold_window(a, None, list(range(L)), j, b, layer=new)
     step = {"block": list(range(j, j + b)), "block_size": b, "similarity": sims, "mse_before": mse_before,
             "mse_after": mse_after, "train_seconds": rep.seconds, "seconds": t()}
