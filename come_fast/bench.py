@@ -31,11 +31,14 @@ from typing import Optional
 # The sweep's methods in roughly increasing cost; "all" runs them in this order.
 ALL_METHODS = ("magnitude+", "shortgpt", "reverse", "reverse-recover", "taylor+", "laco", "slm", "streamline",
                "ppl", "come", "come-p", "come-faithful", "sleb", "finercut")
-# Named variants: a registered method with fixed options. "come+distill" (CoMe, then
-# 100 steps of hierarchical distillation) is not in "all": post-training is not part
-# of the no-training comparison, and it costs as much again as the compression.
+# Named variants: a registered method with fixed options. "<method>+distill" (the
+# method, then 100 steps of hierarchical distillation from the original along the
+# provenance) is not in "all": post-training is not part of the no-training
+# comparison, and it costs as much again as the compression. ShortGPT + distill is
+# the fair comparison for CoMe + distill (same training, layers deleted, not merged).
 VARIANTS = {"come-faithful": ("come", {"faithful": True}), "reverse-recover": ("reverse", {"recover": True}),
-            "come+distill": ("come", {"distill_steps": 100})}
+            "come+distill": ("come", {"distill_steps": 100}), "shortgpt+distill": ("shortgpt", {"distill_steps": 100}),
+            "come-p+distill": ("come-p", {"distill_steps": 100}), "sleb+distill": ("sleb", {"distill_steps": 100})}
 # Methods that re-run the model once per candidate (or backpropagate) score on
 # the first calibration rows only, to fit a CPU budget; recorded per cell.
 # CoMe-P's grid is coarsened from 21 to 5 splits (r = 0, 1/4, ..., 1) for the same reason (each split costs

@@ -472,6 +472,7 @@ def test_bench_cells_resume_and_tables(tmp_path):
     assert len(sw.pending()) == 5 + 3  # dense + 4 cells to compress, dense + 2 cells with tasks
     assert bench._method_call("come-faithful", {}) == ("come", {"faithful": True})
     assert bench._method_call("come+distill", {}) == ("come", {"distill_steps": 100})
+    assert bench._method_call("sleb+distill", {}) == ("sleb", {"score_rows": 8, "distill_steps": 100})
     assert bench._method_call("sleb", {"sleb": {"score_rows": 3}}) == ("sleb", {"score_rows": 3})
     task = {"acc": 0.6, "acc_norm": 0.7, "headline": "acc_norm", "chance": 0.25, "n": 200, "seconds": 1.0}
     base = {"model": "m", "ppl": 30.0, "layers": 30, "params": 100, "compress_seconds": 0.0, "eval_seconds": 1.0,

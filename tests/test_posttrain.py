@@ -91,15 +91,17 @@ def test_loss_is_the_scaled_layer_mse_plus_kl_by_hand():
     assert rep["matched_teacher_layers"] == [last_original(p) for p in prov]
 
 
-def test_compress_with_distillation_lowers_the_loss_trains_only_decoder_layers_and_reloads(tmp_path):
+@pytest.mark.parametrize("method", ["come", "shortgpt"])  # merged layers, and deleted ones (the sweep's fair pair)
+def test_compress_with_distillation_lowers_the_loss_trains_only_decoder_layers_and_reloads(tmp_path, method):
     ids = tokens(n=8)
     model = tiny_model("qwen2")
-    plain = come_fast.compress(tiny_model("qwen2"), target_layers=4, calib=ids)
-    res = come_fast.compress(model, target_layers=4, calib=ids, distill_steps=30, distill_lr=3e-3)
-    assert res.provenance == plain.provenance  # the same merges, then training
+    plain = come_fast.compress(tiny_model("qwen2"), target_layers=4, calib=ids, method=method)
+    res = come_fast.compress(model, target_layers=4, calib=ids, method=method, distill_steps=30, distill_lr=1e-3)
+    assert res.provenance == plain.provenance  # the same merges or deletions, then training
     d = res.report[-1]["distillation"]
+    assert d["matched_teacher_layers"] == [last_original(p) for p in plain.provenance]
     assert d["loss_after"] < 0.8 * d["loss_before"]
-    assert res.settings["distill"]["steps"] == 30 and res.settings["distill"]["lr"] == 3e-3
+    assert res.settings["distill"]["steps"] == 30 and res.settings["distill"]["lr"] == 1e-3
     sd, sp = res.model.state_dict(), plain.model.state_dict()
     changed = {k for k in sd if not torch.equal(sd[k], sp[k])}
     assert changed and all(k.startswith("model.layers.") for k in changed)
