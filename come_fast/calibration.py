@@ -360,11 +360,22 @@ class LayerStream:
         """The last boundary (after the final norm when final_norm_last)."""
         return self.boundary[len(self.adapter.layers)]
 
-    def pair_distance(self) -> list[float]:
-        """D[l] = sum over sequences of arccos(clamp(cos(x_l[-1], x_l+2[-1])))/pi."""
+    def pair_distance(self, tokens: str = "last") -> list[float]:
+        """D[l] = sum over sequences of arccos(clamp(cos(x_l, x_l+2)))/pi, on the
+        last token (``tokens="last"``, the release) or averaged over all
+        tokens of each sequence (``"all"``; needs every boundary cached)."""
         L = len(self.adapter.layers)
+        if tokens == "last":
+            pairs = [(self.last_token[l], self.last_token[l + 2]) for l in range(L - 1)]
+            return [float((torch.arccos(cosine_rows(x, y)) / math.pi).sum()) for x, y in pairs]
+        if tokens != "all":
+            raise ValueError(f"pair distance tokens must be 'last' or 'all', got {tokens!r}")
+        if self.cache_every != 1:
+            raise ValueError("an all-token pair distance needs every layer boundary cached (no max_cache_bytes)")
         out = []
-        for l in range(L - 1):
-            x, y = self.last_token[l], self.last_token[l + 2]
-            out.append(float((torch.arccos(cosine_rows(x, y)) / math.pi).sum()))
+        with torch.inference_mode():
+            for l in range(L - 1):
+                x, y = self.boundary[l], self.boundary[l + 2]
+                ang = torch.arccos(cosine_rows(x, y)) / math.pi
+                out.append(float(ang.reshape(self.n, self.T).double().mean(1).sum()))
         return out

@@ -65,6 +65,54 @@ def test_scores_against_hand_computation():
     torch.testing.assert_close(att, want_att, rtol=1e-5, atol=1e-6)
 
 
+def test_pair_distance_on_all_tokens_and_raw_last_boundary_by_hand():
+    model = tiny_model("qwen2")
+    a = adapter_for(model)
+    ids = tokens(n=4, T=12)
+    L = len(a.layers)
+    cap = {}
+    hook = a.layers[-1].register_forward_hook(lambda m, args, out: cap.__setitem__("raw", out[0] if isinstance(out, tuple) else out))
+    with torch.inference_mode():
+        hs = list(model(ids, output_hidden_states=True).hidden_states)
+    hook.remove()
+
+    def angle(x, y):  # per token, [n, T]
+        cos = torch.nn.functional.cosine_similarity(x, y, dim=-1).clamp(0, 1)
+        return torch.arccos(cos) / math.pi
+
+    for normed in (True, False):
+        if not normed:
+            hs[-1] = cap["raw"]  # the last layer's own output, before the final norm
+        s = LayerStream(a, ids, batch_size=2, final_norm_last=normed)
+        s.run(0)
+        d = s.pair_distance("all")
+        for l in range(L - 1):
+            assert d[l] == pytest.approx(float(angle(hs[l], hs[l + 2]).mean(1).sum()), rel=1e-5, abs=1e-6)
+        cos = torch.nn.functional.cosine_similarity(hs[L - 1], hs[L], dim=-1).clamp(0, 1)
+        assert s.stats[L - 1].bi_sum == pytest.approx(float((1 - cos).sum()), rel=1e-5)
+    with pytest.raises(ValueError, match="cached"):
+        s = LayerStream(a, ids, batch_size=2, max_cache_bytes=1)
+        s.run(0)
+        s.pair_distance("all")
+
+
+def test_come_pair_tokens_all_merges_the_argmin_of_the_all_token_distance():
+    ids = tokens(n=4, T=12)
+    model = tiny_model("llama")
+    s = LayerStream(adapter_for(model), ids, batch_size=2)
+    s.run(0)
+    want = s.pair_distance("all")
+    res = come_fast.compress(model, target_layers=5, calib=ids, pair_tokens="all")
+    st = res.report[0]
+    assert st["pair_distance_sum"] == pytest.approx(want, rel=1e-6)
+    assert st["pair"][0] == min(range(len(want)), key=want.__getitem__)
+    assert res.settings["pair_tokens"] == "all" and res.settings["last_boundary"] == "final_norm"
+    with pytest.raises(ValueError, match="faithful mode keeps"):
+        come_fast.compress(tiny_model("llama"), target_layers=5, calib=ids, faithful=True, last_boundary="raw")
+    with pytest.raises(ValueError, match="pair_tokens"):
+        come_fast.compress(tiny_model("llama"), target_layers=5, calib=ids, pair_tokens="first")
+
+
 def test_split_allocation_selection_rules():
     r = split_ratio(3.0, 1.0)
     assert r == pytest.approx((0.75, 0.25))

@@ -57,6 +57,18 @@ def _come(ctx: Context, n_remove: int, grid: bool) -> Outcome:
     allow_repeat = bool(opts.get("allow_repeat", False))
     grid_steps = int(opts.get("grid_steps", 20))
     grouping = "tiled" if faithful else "contiguous"
+    # Two more release choices, kept by default, switchable to measure them: the last
+    # layer's BI and pair distance on the final-normed hidden state, and the pair
+    # distance on the last token only.
+    last_normed = {"final_norm": True, "raw": False}.get(opts.get("last_boundary", "final_norm"))
+    pair_tokens = opts.get("pair_tokens", "last")
+    if last_normed is None or pair_tokens not in ("last", "all"):
+        raise ValueError("come: last_boundary must be 'final_norm' or 'raw' and pair_tokens 'last' or 'all', got "
+                         f"{opts.get('last_boundary')!r}, {pair_tokens!r}")
+    if faithful and (not last_normed or pair_tokens != "last"):
+        raise ValueError("faithful mode keeps the release's last_boundary='final_norm' and pair_tokens='last'")
+    if pair_tokens == "all" and opts.get("max_cache_bytes") is not None:
+        raise ValueError("pair_tokens='all' needs every layer boundary cached: drop max_cache_bytes")
     a = ctx.adapter
     prov: list = list(range(len(a.layers)))
     steps = []
@@ -65,14 +77,14 @@ def _come(ctx: Context, n_remove: int, grid: bool) -> Outcome:
         if ctx.progress:
             ctx.progress("layers scored", l + 1, len(a.layers))
 
-    stream = LayerStream(a, ctx.tokens, ctx.batch_size, ctx.ops, final_norm_last=True, progress=progress,
+    stream = LayerStream(a, ctx.tokens, ctx.batch_size, ctx.ops, final_norm_last=last_normed, progress=progress,
                          max_cache_bytes=opts.get("max_cache_bytes"))
     stream.run(0)
     for step in range(n_remove):
         t0 = time.perf_counter()
         L = len(a.layers)
         bi = [st.bi_sum for st in stream.stats]
-        dist = stream.pair_distance()
+        dist = stream.pair_distance(pair_tokens)
         blocked = set() if allow_repeat else blocked_pairs(prov)
         masked = [math.inf if i in blocked else d for i, d in enumerate(dist)]
         if all(math.isinf(d) for d in masked):
@@ -122,6 +134,7 @@ def _come(ctx: Context, n_remove: int, grid: bool) -> Outcome:
         if ctx.progress:
             ctx.progress("merges", step + 1, n_remove)
     settings = {"faithful": faithful, "allow_repeat": allow_repeat, "grouping": grouping,
+                "last_boundary": "final_norm" if last_normed else "raw", "pair_tokens": pair_tokens,
                 "split": "grid" if grid else "bi", "grid_steps": grid_steps if grid else None,
                 "layers_run": stream.layers_run}
     return Outcome(provenance=prov, steps=steps, settings=settings)
