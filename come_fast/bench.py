@@ -38,7 +38,9 @@ ALL_METHODS = ("magnitude+", "shortgpt", "reverse", "reverse-recover", "taylor+"
 # the fair comparison for CoMe + distill (same training, layers deleted, not merged).
 VARIANTS = {"come-faithful": ("come", {"faithful": True}), "reverse-recover": ("reverse", {"recover": True}),
             "come+distill": ("come", {"distill_steps": 100}), "shortgpt+distill": ("shortgpt", {"distill_steps": 100}),
-            "come-p+distill": ("come-p", {"distill_steps": 100}), "sleb+distill": ("sleb", {"distill_steps": 100})}
+            "come-p+distill": ("come-p", {"distill_steps": 100}), "sleb+distill": ("sleb", {"distill_steps": 100}),
+            # ablations of the two release choices the default keeps (see README, "Faithful mode and the default")
+            "come-all-tokens": ("come", {"pair_tokens": "all"}), "come-raw-last": ("come", {"last_boundary": "raw"})}
 # Methods that re-run the model once per candidate (or backpropagate) score on
 # the first calibration rows only, to fit a CPU budget; recorded per cell.
 # CoMe-P's grid is coarsened from 21 to 5 splits (r = 0, 1/4, ..., 1) for the same reason (each split costs
