@@ -559,6 +559,7 @@ def to_markdown(recs: list[dict], sweep: Optional[Sweep] = None) -> str:
 # Perplexities above this are drawn as triangles on the top edge: a destroyed
 # model (10^9) would otherwise squash every usable line into the bottom tenth.
 PPL_CEILING = 1e4
+TRAINED = "+distill"
 
 
 def plot(recs: list[dict], path: Path, tasks: list[str]) -> None:
@@ -580,9 +581,12 @@ def plot(recs: list[dict], path: Path, tasks: list[str]) -> None:
     if dense is not None:
         top = max(PPL_CEILING, 10 * dense["ppl"])
     clipped = False
-    for k, m in enumerate(methods):
+    # a trained variant ("<method>+distill") is drawn dashed in its method's colour and marker
+    own = [m for m in methods if not (m.endswith(TRAINED) and m[:-len(TRAINED)] in methods)]
+    for m in methods:
+        k = own.index(m[:-len(TRAINED)] if m not in own else m)
         style = dict(color=colours[(2 * k) % 20 if k < 10 else (2 * k + 1) % 20], marker=markers[k % len(markers)],
-                     ms=5, lw=1.4)
+                     ms=5, lw=1.4, ls="-" if m in own else "--")
         rs = sorted((r for r in recs if r["method"] == m), key=lambda r: r["achieved_ratio"])
         acc = [(100 * r["achieved_ratio"], 100 * _avg(r, tasks)) for r in rs if _avg(r, tasks) is not None]
         if acc and d_acc is not None:
