@@ -125,6 +125,7 @@ def compress(model, ratio: float | None = None, method: str = "come", calib=None
     bad = set(dopts) - {"distill_lr", "distill_mse", "distill_kl", "distill_batch"}
     if bad:
         raise ValueError(f"unknown distillation option(s) {', '.join(sorted(bad))}")
+    methods.check_options(method, options)
     if not (isinstance(distill_steps, int) and distill_steps >= 0):
         raise ValueError(f"distill_steps must be a non-negative integer, got {distill_steps!r}")
     if distill_steps and method == "finercut":

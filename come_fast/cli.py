@@ -31,6 +31,8 @@ def _compress(args) -> int:
         raise FileExistsError(f"output folder {out} exists; choose another or pass --overwrite")
     if args.method not in methods.available():
         raise ValueError(f"unknown method {args.method!r}; available: {', '.join(methods.available())}")
+    options = dict(_parse_kv(t) for t in args.option or [])
+    methods.check_options(args.method, options)  # before the model loads
     t0 = time.perf_counter()
     model, tok = load_model(args.model)
     print(f"loaded {args.model}: {model.config.num_hidden_layers} layers "
@@ -40,7 +42,7 @@ def _compress(args) -> int:
                        n_samples=args.n_samples, seq_len=args.seq_len, batch_size=args.batch_size,
                        backend=args.backend, rounding=args.rounding, seed=args.seed, progress=not args.quiet,
                        distill_steps=args.distill_steps,
-                       **({} if args.distill_lr is None else {"distill_lr": args.distill_lr}))
+                       **({} if args.distill_lr is None else {"distill_lr": args.distill_lr}), **options)
     print(res.summary())
     print(f"provenance: {json.dumps(res.provenance)}")
     path = api.save(res, out, overwrite=args.overwrite)
@@ -72,18 +74,33 @@ def _eval(args) -> int:
     return 0
 
 
+def _parse_value(key: str, value: str, text: str, example: str) -> tuple[str, object]:
+    """The value read as JSON when it parses (numbers, true/false), else a string."""
+    if not key.strip():
+        raise ValueError(f"--option {text!r}: expected {example}")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
+
+
 def _parse_option(text: str) -> tuple[str, str, object]:
-    """METHOD:KEY=VALUE, the value read as JSON when it parses (numbers, true/false), else a string."""
+    """METHOD:KEY=VALUE (the sweep's per-method options)."""
+    example = "METHOD:KEY=VALUE, e.g. sleb:score_rows=8"
     try:
         method, kv = text.split(":", 1)
         key, value = kv.split("=", 1)
     except ValueError:
-        raise ValueError(f"--option {text!r}: expected METHOD:KEY=VALUE, e.g. sleb:score_rows=8") from None
-    try:
-        value = json.loads(value)
-    except json.JSONDecodeError:
-        pass
-    return method.strip(), key.strip(), value
+        raise ValueError(f"--option {text!r}: expected {example}") from None
+    return (method.strip(), *_parse_value(key, value, text, example))
+
+
+def _parse_kv(text: str) -> tuple[str, object]:
+    """KEY=VALUE (a method option of compress)."""
+    example = "KEY=VALUE, e.g. score_rows=8"
+    if "=" not in text:
+        raise ValueError(f"--option {text!r}: expected {example}")
+    return _parse_value(*text.split("=", 1), text, example)
 
 
 def _ratios(text: str | None) -> list[float] | None:
@@ -142,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--distill-steps", type=int, default=0,
                    help="then N steps of hierarchical distillation from the original model (0: none)")
     c.add_argument("--distill-lr", type=float, default=None, help="distillation learning rate (default 1e-4)")
+    c.add_argument("--option", action="append", metavar="KEY=VALUE",
+                   help="a method option, repeatable (e.g. score_rows=8, pair_tokens=all; see the README)")
     c.add_argument("--threads", type=int, default=None)
     c.add_argument("--out", required=True)
     c.add_argument("--overwrite", action="store_true")

@@ -511,6 +511,23 @@ def test_cli_bench_quality_arguments():
     assert _parse_option("laco:laco_threshold=0.5") == ("laco", "laco_threshold", 0.5)
     with pytest.raises(ValueError, match="METHOD:KEY=VALUE"):
         _parse_option("sleb=4")
+    from come_fast import bench
+
+    with pytest.raises(ValueError, match="unknown option.*score_row for method 'sleb'"):
+        bench.Sweep(methods="sleb", options={"sleb": {"score_row": 4}}, out="unused", progress=False)
+    with pytest.raises(ValueError, match="not in this sweep: ppl"):
+        bench.Sweep(methods="sleb", options={"ppl": {"score_rows": 4}}, out="unused", progress=False)
+
+
+def test_compress_refuses_unknown_method_options_before_any_work():
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"unknown option\(s\) grid_steps for method 'come'; its own options: "
+                                         "last_boundary, pair_tokens"):
+        come_fast.compress(model, target_layers=4, calib=tokens(), grid_steps=4)  # a come-p option
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(ValueError, match="its own options: none"):
+        come_fast.compress(model, target_layers=4, calib=tokens(), method="shortgpt", score_rows=2)
 
 
 def test_bench_rebuilds_a_finercut_cell_from_its_record(tmp_path, monkeypatch):

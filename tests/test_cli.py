@@ -92,3 +92,20 @@ def test_compress_with_distillation(capsys, tiny_dir, calib_file, tmp_path):
     code, _, err = run(capsys, "compress", "--model", tiny_dir, "--target-layers", 4, "--calib", calib_file,
                        "--distill-steps", -2, "--out", tmp_path / "e", "--quiet")
     assert code == 2 and "distill_steps" in err and not (tmp_path / "e").exists()
+
+
+def test_compress_method_options(capsys, tiny_dir, calib_file, tmp_path):
+    code, out, err = run(capsys, "compress", "--model", tiny_dir, "--target-layers", 4, "--calib", calib_file,
+                         "--option", "pair_tokens=all", "--option", "last_boundary=raw", "--out", tmp_path / "o",
+                         "--quiet")
+    assert code == 0, err
+    meta = json.loads((tmp_path / "o" / "come_fast.json").read_text())
+    assert meta["settings"]["pair_tokens"] == "all" and meta["settings"]["last_boundary"] == "raw"
+    code, out, err = run(capsys, "compress", "--model", tiny_dir, "--target-layers", 4, "--calib", calib_file,
+                         "--method", "sleb", "--option", "score_rows=2", "--out", tmp_path / "s", "--quiet")
+    assert code == 0, err
+    assert json.loads((tmp_path / "s" / "come_fast.json").read_text())["settings"]["score_rows"] == 2
+    for bad, words in (("score_row=2", "unknown option(s) score_row for method 'sleb'"), ("score_rows", "KEY=VALUE")):
+        code, _, err = run(capsys, "compress", "--model", tiny_dir, "--target-layers", 4, "--calib", calib_file,
+                           "--method", "sleb", "--option", bad, "--out", tmp_path / "b", "--quiet")
+        assert code == 2 and words in err and not (tmp_path / "b").exists()

@@ -33,11 +33,17 @@ class Outcome:
 
 
 REGISTRY: dict[str, Callable[[Context, int], Outcome]] = {}
+# The options each method reads, so that a misspelt one is refused before a long
+# run instead of silently ignored. COMMON: set by compress itself, or read by the
+# shared calibration stream.
+OPTIONS: dict[str, frozenset] = {}
+COMMON_OPTIONS = frozenset({"faithful", "allow_repeat", "ratio", "rounding", "seed", "max_cache_bytes"})
 
 
-def register(name: str):
+def register(name: str, options: tuple = ()):
     def deco(fn):
         REGISTRY[name] = fn
+        OPTIONS[name] = frozenset(options)
         return fn
 
     return deco
@@ -60,6 +66,14 @@ def get(name: str):
     if name not in REGISTRY:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(REGISTRY))}")
     return REGISTRY[name]
+
+
+def check_options(name: str, options: dict) -> None:
+    get(name)
+    bad = sorted(set(options) - OPTIONS[name] - COMMON_OPTIONS)
+    if bad:
+        known = ", ".join(sorted(OPTIONS[name])) or "none"
+        raise ValueError(f"unknown option(s) {', '.join(bad)} for method {name!r}; its own options: {known}")
 
 
 def available() -> list[str]:

@@ -140,11 +140,11 @@ def _come(ctx: Context, n_remove: int, grid: bool) -> Outcome:
     return Outcome(provenance=prov, steps=steps, settings=settings)
 
 
-@register("come")
+@register("come", options=("last_boundary", "pair_tokens"))
 def come(ctx: Context, n_remove: int) -> Outcome:
     return _come(ctx, n_remove, grid=False)
 
 
-@register("come-p")
+@register("come-p", options=("last_boundary", "pair_tokens", "grid_steps"))
 def come_p(ctx: Context, n_remove: int) -> Outcome:
     return _come(ctx, n_remove, grid=True)

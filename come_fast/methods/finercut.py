@@ -54,7 +54,7 @@ def _finish(a, steps: list, target: int, rounding: str, before: int, extra: dict
                              **extra})
 
 
-@register("finercut")
+@register("finercut", options=("score_rows",))
 def finercut(ctx: Context, n_remove: int) -> Outcome:
     a = ctx.adapter
     o = ctx.options

@@ -41,7 +41,8 @@ def candidate_similarity(a, stream, ref, start: int, count: int):
     return ops.sequence_cosine(ref, out), cand
 
 
-@register("laco")
+@register("laco", options=("laco_layers", "laco_interval", "laco_threshold", "laco_relax", "laco_lowest",
+                          "laco_highest", "laco_sentences"))
 def laco(ctx: Context, n_remove: int) -> Outcome:
     a = ctx.adapter
     o = ctx.options

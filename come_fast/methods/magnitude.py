@@ -9,7 +9,7 @@ from . import Context, Outcome, register
 from .taylor import shortened_llama
 
 
-@register("magnitude+")
+@register("magnitude+", options=("keep_first", "keep_last"))
 def magnitude_plus(ctx: Context, n_remove: int) -> Outcome:
     t = ops.Timer()
     scores = ops.weight_scores(ctx.adapter, grads=False)

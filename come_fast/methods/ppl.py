@@ -14,7 +14,7 @@ from .. import layerops as ops
 from . import Context, Outcome, register
 
 
-@register("ppl")
+@register("ppl", options=("score_rows",))
 def ppl(ctx: Context, n_remove: int) -> Outcome:
     t = ops.Timer()
     a = ctx.adapter

@@ -24,7 +24,8 @@ from ..distill import LossWeights, distill, evaluate_loss, training_only
 from . import Context, Outcome, register
 
 
-@register("reverse")
+@register("reverse", options=("recover", "recover_layers", "recover_steps", "recover_lr", "recover_kl", "recover_ce",
+                              "recover_batch"))
 def reverse(ctx: Context, n_remove: int) -> Outcome:
     t = ops.Timer()
     a = ctx.adapter

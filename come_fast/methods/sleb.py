@@ -12,7 +12,7 @@ from .. import layerops as ops
 from . import Context, Outcome, register
 
 
-@register("sleb")
+@register("sleb", options=("score_rows",))
 def sleb(ctx: Context, n_remove: int) -> Outcome:
     a = ctx.adapter
     stream = ops.open_stream(ctx, tokens=ops.calibration_slice(ctx))

@@ -22,7 +22,7 @@ from . import Context, Outcome, register
 from .laco import candidate_similarity, similarity_stream
 
 
-@register("slm")
+@register("slm", options=("slm_threshold", "slm_relax", "slm_lowest", "slm_sentences"))
 def slm(ctx: Context, n_remove: int) -> Outcome:
     a = ctx.adapter
     o = ctx.options

@@ -33,7 +33,7 @@ def block_similarity(stream, b: int) -> list[float]:
     return [ops.mean_token_cosine(stream.boundary[j], stream.boundary[j + b]) for j in range(L - b + 1)]
 
 
-@register("streamline")
+@register("streamline", options=("streamline_steps", "streamline_lr", "streamline_batch"))
 def streamline(ctx: Context, n_remove: int) -> Outcome:
     t = ops.Timer()
     a = ctx.adapter
