@@ -549,3 +549,23 @@ def test_bench_rebuilds_a_finercut_cell_from_its_record(tmp_path, monkeypatch):
     rec["provenance"] = rec["provenance"][:-1]
     with pytest.raises(RuntimeError, match="differs from its record"):
         sw._rebuild_finercut(json.loads(json.dumps(rec)))
+
+
+def test_every_option_a_method_reads_is_declared():
+    """The declared option lists (which refuse misspelt options) must not refuse
+    an option the code reads: every literal ``.get("name"`` on the options in a
+    method's module (and the shared helpers it calls) is declared for it."""
+    import inspect
+    import re
+
+    from come_fast import layerops
+
+    methods.available()
+    shared = set(re.findall(r'options\.get\("(\w+)"', inspect.getsource(layerops)))
+    assert shared == {"score_rows", "max_cache_bytes", "ratio"}  # score_rows: only calibration_slice's users declare it
+    for name, fn in methods.REGISTRY.items():
+        src = inspect.getsource(inspect.getmodule(fn))
+        read = set(re.findall(r'(?:\bo|opts|options)\.get\("(\w+)"', src)) - {"distill_steps"}
+        if "calibration_slice(ctx)" in src:
+            read.add("score_rows")
+        assert read <= methods.OPTIONS[name] | methods.COMMON_OPTIONS | ({"grid_steps"} if name == "come" else set()), name

@@ -23,7 +23,7 @@ def shortened_llama(ctx: Context, n_remove: int, scores: list[float], name: str,
                              "keep_last": int(ctx.options.get("keep_last", 2))})
 
 
-@register("taylor+", options=("keep_first", "keep_last"))
+@register("taylor+", options=("keep_first", "keep_last", "score_rows"))
 def taylor_plus(ctx: Context, n_remove: int) -> Outcome:
     t = ops.Timer()
     tokens = ops.calibration_slice(ctx)
