@@ -41,6 +41,7 @@ VARIANTS = {"come-faithful": ("come", {"faithful": True}), "reverse-recover": ("
             "come-p+distill": ("come-p", {"distill_steps": 100}), "sleb+distill": ("sleb", {"distill_steps": 100}),
             # ablations of the two release choices the default keeps (see README, "Faithful mode and the default")
             "come-all-tokens": ("come", {"pair_tokens": "all"}), "come-raw-last": ("come", {"last_boundary": "raw"})}
+ABLATIONS = ("come-all-tokens", "come-raw-last")  # in the tables, not in the plot (lines on top of CoMe's)
 # Methods that re-run the model once per candidate (or backpropagate) score on
 # the first calibration rows only, to fit a CPU budget; recorded per cell.
 # CoMe-P's grid is coarsened from 21 to 5 splits (r = 0, 1/4, ..., 1) for the same reason (each split costs
@@ -581,7 +582,7 @@ def plot(recs: list[dict], path: Path, tasks: list[str]) -> None:
 
     dense = next((r for r in recs if r["method"] == DENSE), None)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5.6))
-    methods = [m for m in dict.fromkeys(r["method"] for r in recs) if m != DENSE]
+    methods = [m for m in dict.fromkeys(r["method"] for r in recs) if m != DENSE and m not in ABLATIONS]
     colours = plt.get_cmap("tab20").colors
     markers = "osD^vP*Xh<>p8d"
     d_acc = _avg(dense, tasks) if dense is not None else None
