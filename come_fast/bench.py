@@ -592,6 +592,7 @@ def plot(recs: list[dict], path: Path, tasks: list[str]) -> None:
     clipped = False
     # a trained variant ("<method>+distill") is drawn dashed in its method's colour and marker
     own = [m for m in methods if not (m.endswith(TRAINED) and m[:-len(TRAINED)] in methods)]
+    methods = [v for m in own for v in (m, m + TRAINED) if v in methods]  # a variant right after its method
     for m in methods:
         k = own.index(m[:-len(TRAINED)] if m not in own else m)
         style = dict(color=colours[(2 * k) % 20 if k < 10 else (2 * k + 1) % 20], marker=markers[k % len(markers)],
