@@ -102,6 +102,8 @@ def compress(model, ratio: float | None = None, method: str = "come", calib=None
     copy of ``model`` taken before compression unless ``teacher=`` gives one
     (an uncompressed model of the same architecture). on_step snapshots are
     taken before the distillation.
+    ``**options``: the method's own settings (``come_fast.methods.OPTIONS``, listed
+    in the README); one the method does not read is refused before any work.
     """
     if isinstance(model, (str, os.PathLike)):
         model, tok = load_model(model)
