@@ -74,6 +74,21 @@ def _find_tokenizer(model):
         return None
 
 
+DISTILL_OPTIONS = frozenset({"distill_lr", "distill_mse", "distill_kl", "distill_batch"})
+
+
+def split_options(method: str, options: dict) -> tuple[dict, dict]:
+    """``compress``'s ``**options`` as (the method's options, the distillation
+    options); one that neither the method nor the distillation reads raises."""
+    dopts = {k: v for k, v in options.items() if k.startswith("distill_")}
+    bad = set(dopts) - DISTILL_OPTIONS
+    if bad:
+        raise ValueError(f"unknown distillation option(s) {', '.join(sorted(bad))}")
+    mopts = {k: v for k, v in options.items() if k not in dopts}
+    methods.check_options(method, mopts)
+    return mopts, dopts
+
+
 def _check_finite(model, why: str = "refusing to compress", error: type = ValueError) -> None:
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():
@@ -123,11 +138,7 @@ def compress(model, ratio: float | None = None, method: str = "come", calib=None
                          "pass allow_repeat=True or ask for less")
     fn = methods.get(method)
     _check_finite(model)
-    dopts = {k: options.pop(k) for k in list(options) if k.startswith("distill_")}
-    bad = set(dopts) - {"distill_lr", "distill_mse", "distill_kl", "distill_batch"}
-    if bad:
-        raise ValueError(f"unknown distillation option(s) {', '.join(sorted(bad))}")
-    methods.check_options(method, options)
+    options, dopts = split_options(method, options)
     if not (isinstance(distill_steps, int) and distill_steps >= 0):
         raise ValueError(f"distill_steps must be a non-negative integer, got {distill_steps!r}")
     if distill_steps and method == "finercut":

@@ -109,11 +109,14 @@ class Sweep:
         self.calib = None if calib is None else str(calib)
         self.data_dir = Path(data_dir) if data_dir else default_data_dir()
         self.options = options or {}
-        from . import methods as registry
+        import inspect
 
+        from .api import compress, split_options
+
+        named = set(inspect.signature(compress).parameters)  # distill_steps, faithful, ...: compress's own
         for m in self.methods:  # a misspelt option fails now, not hours into the sweep
             base, opts = _method_call(m, self.options)
-            registry.check_options(base, {k: v for k, v in opts.items() if not k.startswith("distill_")})
+            split_options(base, {k: v for k, v in opts.items() if k not in named})
         unused = set(self.options) - set(self.methods)
         if unused:
             raise ValueError(f"options given for method(s) not in this sweep: {', '.join(sorted(unused))}")

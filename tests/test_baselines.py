@@ -500,7 +500,7 @@ def test_bench_cells_resume_and_tables(tmp_path):
     assert (tmp_path / "quality.png").stat().st_size > 1000
 
 
-def test_cli_bench_quality_arguments():
+def test_cli_bench_quality_arguments(tmp_path):
     from come_fast.cli import _parse_option, _ratios, build_parser
 
     args = build_parser().parse_args(["bench", "quality", "--methods", "all", "--ratios", "0.1,0.3", "--tasks-at",
@@ -515,6 +515,11 @@ def test_cli_bench_quality_arguments():
 
     with pytest.raises(ValueError, match="unknown option.*score_row for method 'sleb'"):
         bench.Sweep(methods="sleb", options={"sleb": {"score_row": 4}}, out="unused", progress=False)
+    with pytest.raises(ValueError, match="unknown distillation option.*distill_lrr"):
+        bench.Sweep(methods="come+distill", options={"come+distill": {"distill_lrr": 1e-3}}, out="unused",
+                    progress=False)
+    bench.Sweep(methods="come+distill,come-faithful", options={"come+distill": {"distill_lr": 1e-3}}, out=tmp_path,
+                progress=False)  # compress's own arguments (distill_steps, faithful) and known options pass
     with pytest.raises(ValueError, match="not in this sweep: ppl"):
         bench.Sweep(methods="sleb", options={"ppl": {"score_rows": 4}}, out="unused", progress=False)
 
