@@ -21,22 +21,20 @@ import json
 import os
 from pathlib import Path
 
-from .models import _atomic_save_dir
+from .savedir import (OutputBusyError, OutputExistsError, UnsafeOutputError,  # noqa: F401 (re-exported)
+                     _atomic_save_dir, check_output_dir)
 from . import sublayers
 
 META_FILE = "come_fast.json"
 SUBLAYER_MODULE = "come_fast_sublayers"  # file (and module) name of the remote code a sublayer checkpoint carries
 
 
-class OutputExistsError(FileExistsError):
-    pass
-
-
 def save_checkpoint(model, tokenizer, out_dir: str | os.PathLike, meta: dict, report: list | None = None,
                     overwrite: bool = False) -> Path:
     out = Path(out_dir).expanduser()
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"output folder {out} exists; choose another or pass overwrite=True (--overwrite)")
+    # refused targets, an existing folder (without overwrite), a folder being
+    # written by another process: before the model is touched
+    check_output_dir(out, overwrite)
     model.config.come_fast = meta
     spec = _sublayer_spec_of(model)
     if spec is not None:
@@ -53,9 +51,11 @@ def save_checkpoint(model, tokenizer, out_dir: str | os.PathLike, meta: dict, re
         with open(tmp / META_FILE, "w") as f:
             json.dump({**meta, "report": report or []}, f, indent=1)
 
-    # written into a temporary sibling and renamed: an interrupted save leaves
-    # nothing half-written under out_dir
-    _atomic_save_dir(build, out)
+    # written into a temporary sibling and renamed, under a lock, the old folder
+    # moved aside first and deleted last: an interrupted save leaves nothing
+    # half-written under out_dir and never loses the previous checkpoint
+    # (details in come_fast/models.py, _atomic_save_dir)
+    _atomic_save_dir(build, out, overwrite=overwrite)
     return out
 
 

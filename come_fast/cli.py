@@ -23,12 +23,14 @@ def _compress(args) -> int:
     import torch
 
     from . import api, methods
+    from .checkpoint import check_output_dir
     from .models import load_model
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"output folder {out} exists; choose another or pass --overwrite")
+    # before the model loads: a refused target (the current folder, a parent, home, a root, a non-checkpoint
+    # with --overwrite), an existing folder without --overwrite, a folder another process is writing
+    check_output_dir(out, overwrite=args.overwrite)
     if args.method not in methods.available():
         raise ValueError(f"unknown method {args.method!r}; available: {', '.join(methods.available())}")
     options = dict(_parse_kv(t) for t in args.option or [])

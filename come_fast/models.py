@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from .adapters import adapter_for
+from .savedir import _atomic_save_dir
 
 DEFAULT_MODEL = "smollm2-135m"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -45,22 +44,6 @@ def _smollm2_package_dir() -> Path:
     if not (folder / _GGUF_FILE).is_file():
         raise ModelNotFoundError(f"{_GGUF_FILE} not found in {folder}")
     return folder
-
-
-def _atomic_save_dir(build, target: Path) -> None:
-    """Write a folder through ``build(tmpdir)`` and move it into place in one
-    rename, so an interrupted write never leaves a half checkpoint behind."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        build(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def default_model_path() -> Path:
