@@ -94,9 +94,13 @@ class Adapter:
         return get_attr(self.model, self.family.layers)
 
     def set_layers(self, layers: list[nn.Module]) -> None:
+        old_types = getattr(self.config, "layer_types", None)
+        kinds = {}
+        if old_types is not None and len(old_types) == len(self.layers):
+            kinds = {id(m): t for m, t in zip(self.layers, old_types)}
         parent_path, name = self.family.layers.rsplit(".", 1)
         setattr(get_attr(self.model, parent_path), name, nn.ModuleList(layers))
-        renumber(self)
+        renumber(self, kinds)
 
     @property
     def embed(self) -> nn.Module:
@@ -129,10 +133,53 @@ def adapter_for(model: nn.Module) -> Adapter:
     )
 
 
-def renumber(adapter: Adapter) -> None:
+FULL_ATTENTION = "full_attention"
+SLIDING_ATTENTION = "sliding_attention"
+
+
+def attention_kind(layer: nn.Module) -> Optional[str]:
+    """The attention kind a decoder layer carries itself (Qwen2/Qwen3:
+    ``self_attn.layer_type``, "full_attention" or "sliding_attention"); None
+    where the family has no per-layer kind (Llama, Mistral) or the layer has
+    no attention (FinerCut)."""
+    return getattr(getattr(layer, "self_attn", None), "layer_type", None)
+
+
+def set_attention_kind(adapter: Adapter, layer: nn.Module, kind: str) -> None:
+    """Make ``layer`` a full- or sliding-window-attention layer: its
+    ``layer_type`` and the window its attention applies (the config's
+    ``sliding_window`` for sliding layers, None for full ones)."""
+    attn = getattr(layer, "self_attn", None)
+    if attn is None or not hasattr(attn, "layer_type"):
+        return
+    attn.layer_type = kind
+    if hasattr(attn, "sliding_window"):
+        attn.sliding_window = getattr(adapter.config, "sliding_window", None) if kind == SLIDING_ATTENTION else None
+
+
+def combined_attention_kind(sources: list[nn.Module]) -> Optional[str]:
+    """The attention kind of one layer made from ``sources`` (a merge, a
+    window fold, a trained replacement): theirs when they agree; when they do
+    not, full attention, the kind that sees every token any source saw (a
+    sliding window would cut off context a full-attention source used)."""
+    kinds = {k for k in (attention_kind(s) for s in sources) if k is not None}
+    if not kinds:
+        return None
+    return kinds.pop() if len(kinds) == 1 else FULL_ATTENTION
+
+
+def renumber(adapter: Adapter, kinds: Optional[dict] = None) -> None:
     """Layer indices are what the KV cache is addressed by: after deleting or
     merging layers they must be 0..L-1 again, and the config must agree, or
-    ``generate`` indexes past the end of the cache."""
+    ``generate`` indexes past the end of the cache.
+
+    ``config.layer_types`` (Qwen2/Qwen3: which layers use sliding-window
+    attention; the model picks each layer's mask by it) is rebuilt from the
+    kept layers' own kinds (``attention_kind``). A layer that carries none (its
+    attention removed by FinerCut) takes ``kinds[id(layer)]`` (what
+    ``set_layers`` read before the change), else its old entry when the count
+    did not change, else the one kind all old entries share, else full
+    attention (a layer without attention never reads its mask)."""
     layers = adapter.layers
     for i, layer in enumerate(layers):
         if hasattr(layer, "layer_idx"):
@@ -141,12 +188,15 @@ def renumber(adapter: Adapter) -> None:
         if attn is not None and hasattr(attn, "layer_idx"):
             attn.layer_idx = i
     cfg = adapter.config
+    old = getattr(cfg, "layer_types", None)
     cfg.num_hidden_layers = len(layers)
-    lt = getattr(cfg, "layer_types", None)
-    if lt is not None and len(lt) != len(layers):
-        # every layer we produce keeps the attention kind of the layers it came
-        # from; for the families supported all layers are full attention.
-        cfg.layer_types = [lt[0]] * len(layers)
+    if old is None:
+        return
+    kinds = kinds or {}
+    same = len(old) == len(layers)
+    uniform = old[0] if old and len(set(old)) == 1 else FULL_ATTENTION
+    cfg.layer_types = [attention_kind(layer) or kinds.get(id(layer)) or (old[i] if same else uniform)
+                       for i, layer in enumerate(layers)]
 
 
 def count_parameters(model: nn.Module) -> int:

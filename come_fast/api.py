@@ -14,8 +14,9 @@ import torch
 
 from . import methods
 from .adapters import adapter_for, count_parameters, layer_parameters
-from .calibration import calibration_tokens
-from .checkpoint import load_sublayer_model, read_meta, save_checkpoint, sublayer_spec
+from . import sublayers
+from .calibration import calibration_tokens, check_calibration_sizes
+from .checkpoint import read_meta, save_checkpoint
 from .dispatch import Ops
 from .models import load_model
 
@@ -45,12 +46,17 @@ class RatioError(ValueError):
     pass
 
 
+ROUNDINGS = ("nearest", "down", "up")
+
+
 def removals_for_ratio(model, ratio: float, rounding: str = "nearest") -> int:
     """Whole-layer steps that meet ``ratio`` (removed / total parameters,
     embeddings included). ``rounding``: "nearest" (default), "down" (remove at
     most ``ratio``) or "up" (at least ``ratio``). The achieved ratio is reported."""
-    if not (isinstance(ratio, (int, float)) and 0 < ratio < 1) or math.isnan(ratio):
+    if not (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0 < ratio < 1) or math.isnan(ratio):
         raise RatioError(f"ratio must be a number in (0, 1), got {ratio!r}")
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {', '.join(map(repr, ROUNDINGS))}, got {rounding!r}")
     a = adapter_for(model)
     total = count_parameters(model)
     per_layer = layer_parameters(a.layers[0])
@@ -75,18 +81,30 @@ def _find_tokenizer(model):
 
 
 DISTILL_OPTIONS = frozenset({"distill_lr", "distill_mse", "distill_kl", "distill_batch"})
+DISTILL_VALIDATORS = {"distill_lr": methods.learning_rate, "distill_mse": methods.number(0),
+                      "distill_kl": methods.number(0), "distill_batch": methods.positive_int}
+# the closed-form compensation's settings (come_fast.compensate), read by compress and by CoMe's search
+LS_OPTIONS = frozenset({"ls_weighting", "ls_layers"})
 
 
 def split_options(method: str, options: dict) -> tuple[dict, dict]:
-    """``compress``'s ``**options`` as (the method's options, the distillation
-    options); one that neither the method nor the distillation reads raises."""
+    """``compress``'s ``**options`` as (the method's options with the ls_*
+    compensation settings, the distillation options); one that neither the
+    method, the compensation nor the distillation reads raises."""
     dopts = {k: v for k, v in options.items() if k.startswith("distill_")}
     bad = set(dopts) - DISTILL_OPTIONS
     if bad:
         raise ValueError(f"unknown distillation option(s) {', '.join(sorted(bad))}")
-    mopts = {k: v for k, v in options.items() if k not in dopts}
+    for k, v in dopts.items():
+        check = DISTILL_VALIDATORS[k]
+        if not check(v):
+            raise ValueError(f"option {k}={v!r}: expected {check.accepts}")
+    bad = {k for k in options if k.startswith("ls_")} - LS_OPTIONS
+    if bad:
+        raise ValueError(f"unknown compensation option(s) {', '.join(sorted(bad))}; known: {', '.join(sorted(LS_OPTIONS))}")
+    mopts = {k: v for k, v in options.items() if k not in dopts and k not in LS_OPTIONS}
     methods.check_options(method, mopts)
-    return mopts, dopts
+    return {**mopts, **{k: v for k, v in options.items() if k in LS_OPTIONS}}, dopts
 
 
 def _check_finite(model, why: str = "refusing to compress", error: type = ValueError) -> None:
@@ -95,11 +113,41 @@ def _check_finite(model, why: str = "refusing to compress", error: type = ValueE
             raise error(f"model parameter {name} holds NaN or Inf: {why}")
 
 
+COMPENSATE = ("ls",)
+# methods whose result is not whole layers: nothing to refit along a provenance
+NO_PROVENANCE = ("finercut",)
+
+
+def resolve_compensate(compensate, method: str, faithful: bool):
+    """``compensate``: "ls" (closed-form refit, come_fast.compensate), None (off),
+    or "auto": the method's own default (off everywhere for now)."""
+    if compensate == "auto":
+        return "ls" if method == "come-x" else None
+    if compensate is not None and compensate not in COMPENSATE:
+        raise ValueError(f"compensate must be one of {COMPENSATE}, None or 'auto', got {compensate!r}")
+    if compensate and method in NO_PROVENANCE:
+        raise ValueError(f"compensate={compensate!r} needs whole layers and a provenance; {method} removes sublayers")
+    if compensate and faithful:
+        raise ValueError("faithful mode reproduces the release: it takes no compensation")
+    return compensate
+
+
+def _check_refit_data(tokens: torch.Tensor, adapter) -> None:
+    from .compensate import holdout_rows
+
+    n, T = tokens.shape
+    fit = (n - len(holdout_rows(n))) * T
+    if not holdout_rows(n) or fit < adapter.intermediate_size:
+        raise ValueError(f"compensation needs at least 4 calibration rows (one in four is held out to choose the "
+                         f"ridge) and more fitting tokens than MLP channels ({adapter.intermediate_size}); "
+                         f"got {n} rows x {T} tokens")
+
+
 def compress(model, ratio: float | None = None, method: str = "come", calib=None, target_layers: int | None = None, *,
              tokenizer=None, faithful: bool = False, allow_repeat: bool = False, n_samples: int = 32,
              seq_len: int = 256, batch_size: int = 2, backend: str = "auto", rounding: str = "nearest",
              seed: int = 0, progress: bool | Any = False, on_step=None, distill_steps: int = 0, teacher=None,
-             **options) -> CompressionResult:
+             compensate="auto", **options) -> CompressionResult:
     """Compress ``model`` in place by depth and return a ``CompressionResult``.
 
     ``model``: a Hugging Face causal LM (Llama, Mistral, Qwen2, Qwen3) or a name
@@ -126,9 +174,22 @@ def compress(model, ratio: float | None = None, method: str = "come", calib=None
     a = adapter_for(model)
     if (ratio is None) == (target_layers is None):
         raise RatioError("give exactly one of ratio= and target_layers=")
+    meta = next((n for n, p in model.named_parameters() if p.is_meta), None)
+    if meta is not None:
+        raise ValueError(f"model parameter {meta} is on the meta device (no weights): load the weights first "
+                         "(come_fast.load_model, or from_pretrained without device_map='meta')")
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {', '.join(map(repr, ROUNDINGS))}, got {rounding!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_calibration_sizes(n_samples, seq_len)
+    spec = sublayers.spec_of(a.layers)
+    if spec is not None and method != "finercut":
+        raise ValueError(f"this model's layers miss sublayers (a FinerCut result: {spec}); "
+                         f"{method!r} works on whole layers: only method='finercut' compresses it further")
     L = len(a.layers)
     if target_layers is not None:
-        if not (isinstance(target_layers, int) and 1 <= target_layers < L):
+        if not (isinstance(target_layers, int) and not isinstance(target_layers, bool) and 1 <= target_layers < L):
             raise RatioError(f"target_layers must be an integer in [1, {L - 1}] for a {L}-layer model, got {target_layers!r}")
         n_remove = L - target_layers
     else:
@@ -139,7 +200,8 @@ def compress(model, ratio: float | None = None, method: str = "come", calib=None
     fn = methods.get(method)
     _check_finite(model)
     options, dopts = split_options(method, options)
-    if not (isinstance(distill_steps, int) and distill_steps >= 0):
+    comp = resolve_compensate(compensate, method, faithful)
+    if not (isinstance(distill_steps, int) and not isinstance(distill_steps, bool) and distill_steps >= 0):
         raise ValueError(f"distill_steps must be a non-negative integer, got {distill_steps!r}")
     if distill_steps and method == "finercut":
         raise ValueError("distillation along the provenance needs whole layers; finercut removes sublayers")
@@ -155,6 +217,8 @@ def compress(model, ratio: float | None = None, method: str = "come", calib=None
     tokenizer = tokenizer if tokenizer is not None else _find_tokenizer(model)
     t0 = time.perf_counter()
     tokens = calibration_tokens(calib, model, tokenizer, n_samples, seq_len, seed)
+    if comp:
+        _check_refit_data(tokens, a)
     device = next(model.parameters()).device
     ops = Ops(backend, device)
     bar = _progress(progress)
@@ -163,38 +227,109 @@ def compress(model, ratio: float | None = None, method: str = "come", calib=None
                                    "rounding": rounding, "seed": seed, **options}, progress=bar)
     params_before = count_parameters(model)
 
-    def result(provenance, steps, settings):
-        params_after = count_parameters(model)
+    def result(provenance, steps, settings, m=model):
+        params_after = count_parameters(m)
         return CompressionResult(
-            model=model, provenance=provenance, achieved_ratio=(params_before - params_after) / params_before,
+            model=m, provenance=provenance, achieved_ratio=(params_before - params_after) / params_before,
             report=steps, tokenizer=tokenizer, method=method,
             settings={**settings, "method": method, "backend": ops.backend, "calibration": list(tokens.shape),
                       "batch_size": batch_size, "seed": seed},
-            layers_before=L, layers_after=len(a.layers), params_before=params_before, params_after=params_after,
-            seconds=time.perf_counter() - t0)
+            layers_before=L, layers_after=len(adapter_for(m).layers), params_before=params_before,
+            params_after=params_after, seconds=time.perf_counter() - t0)
+
+    teacher_states = None
+    if comp:
+        from .calibration import LayerStream
+        from .compensate import TeacherStates
+
+        # the original model's boundaries, before any change: every refit's target
+        teacher_states = TeacherStates.from_stream(LayerStream(a, tokens, batch_size, ops),
+                                                   options.get("max_cache_bytes"))
+        ctx.teacher = teacher_states
+
+    def compensated(m, provenance):
+        """Refit ``m``'s changed layers toward the teacher (in place); the reports."""
+        from .calibration import LayerStream
+        from .compensate import compensate_model
+
+        ma = adapter_for(m)
+        layers = None if options.get("ls_layers", "changed") == "changed" else range(len(ma.layers))
+        return compensate_model(ma, LayerStream(ma, tokens, batch_size, ops), teacher_states, provenance, L,
+                                layers=layers, weighting=options.get("ls_weighting", "none"))
 
     if on_step is not None:
-        ctx.on_step = lambda prov, steps: on_step(result(
-            prov, list(steps), {"faithful": faithful, "allow_repeat": allow_repeat, "partial": True}))
-    model.eval()
-    outcome = fn(ctx, n_remove)
-    steps, settings = outcome.steps, dict(outcome.settings)
-    if distill_steps:
-        from .posttrain import hierarchical_distill
+        def partial(prov, steps):
+            m = model
+            steps = list(steps)
+            if comp:  # a snapshot is what compress would return at that size: refit a copy
+                import copy
 
-        rep = hierarchical_distill(
-            a, adapter_for(teacher), tokens, outcome.provenance, steps=distill_steps,
-            lr=float(dopts.get("distill_lr", 1e-4)), mse=float(dopts.get("distill_mse", 1.0)),
-            kl=float(dopts.get("distill_kl", 1.0)), batch_size=int(dopts.get("distill_batch", batch_size)),
-            seed=seed, progress=bar is not None)
-        steps = list(steps) + [{"distillation": rep}]
-        settings["distill"] = {"steps": distill_steps, **{k[len("distill_"):]: v for k, v in dopts.items()},
-                               "loss_before": rep["loss_before"], "loss_after": rep["loss_after"]}
-        _check_finite(model, f"distillation diverged (loss {rep['loss_before']:.4g} -> {rep['loss_after']:.4g}); "
-                             "lower distill_lr", FloatingPointError)
+                m = copy.deepcopy(model)
+                steps.append({"compensation": compensated(m, prov)})
+            on_step(result(prov, steps, {"faithful": faithful, "allow_repeat": allow_repeat, "partial": True,
+                                         "compensate": comp}, m))
+
+        ctx.on_step = partial
+    model.eval()
+    snapshot = _Snapshot(a)
+    try:
+        outcome = fn(ctx, n_remove)
+        steps, settings = outcome.steps, dict(outcome.settings)
+        if comp:
+            c0 = time.perf_counter()
+            reps = compensated(model, outcome.provenance)
+            steps = list(steps) + [{"compensation": reps, "seconds": time.perf_counter() - c0}]
+            settings["compensate"] = {"mode": comp, "refit_layers": [r["layer"] for r in reps],
+                                      "kept": [r["layer"] for r in reps if r["alpha"] is None]}
+        if distill_steps:
+            from .posttrain import hierarchical_distill
+
+            snapshot.copy_on_write(a)  # training must not touch the caller's layer objects
+            rep = hierarchical_distill(
+                a, adapter_for(teacher), tokens, outcome.provenance, steps=distill_steps,
+                lr=float(dopts.get("distill_lr", 1e-4)), mse=float(dopts.get("distill_mse", 1.0)),
+                kl=float(dopts.get("distill_kl", 1.0)), batch_size=int(dopts.get("distill_batch", batch_size)),
+                seed=seed, progress=bar is not None)
+            steps = list(steps) + [{"distillation": rep}]
+            settings["distill"] = {"steps": distill_steps, **{k[len("distill_"):]: v for k, v in dopts.items()},
+                                   "loss_before": rep["loss_before"], "loss_after": rep["loss_after"]}
+            _check_finite(model, f"distillation diverged (loss {rep['loss_before']:.4g} -> "
+                                 f"{rep['loss_after']:.4g}); lower distill_lr", FloatingPointError)
+    except BaseException:
+        snapshot.restore(a)  # a failed call leaves the model as it was given
+        raise
+    finally:
+        if teacher_states is not None:
+            teacher_states.close()
     if hasattr(bar, "close"):
         bar.close()
     return result(outcome.provenance, steps, settings)
+
+
+class _Snapshot:
+    """What compress may change in the caller's model, to put back when it fails:
+    the layer list and the config entries renumbering rewrites. Methods and
+    refits never change an original layer object in place (they build new
+    layers or copy one first), so the list of the original objects restores it."""
+
+    def __init__(self, a):
+        self.layers = list(a.layers)
+        cfg = a.config
+        self.config = {k: getattr(cfg, k) for k in ("num_hidden_layers", "layer_types") if hasattr(cfg, k)}
+        self.config = {k: (list(v) if isinstance(v, list) else v) for k, v in self.config.items()}
+
+    def copy_on_write(self, a) -> None:
+        """Replace every layer of ``a`` that is one of the original objects by a copy."""
+        import copy
+
+        originals = {id(m) for m in self.layers}
+        if any(id(m) in originals for m in a.layers):
+            a.set_layers([copy.deepcopy(m) if id(m) in originals else m for m in a.layers])
+
+    def restore(self, a) -> None:
+        a.set_layers(self.layers)
+        for k, v in self.config.items():
+            setattr(a.config, k, v)
 
 
 class _Bars:
@@ -242,16 +377,7 @@ def load(path, dtype: torch.dtype = torch.float32, device="cpu"):
     returns ``(model, tokenizer, meta)``; meta is None for a foreign folder.
     A folder whose layers miss sublayers (FinerCut; ``come_fast_sublayers`` in
     its config) is rebuilt with those sublayers removed (see come_fast.sublayers)."""
-    if os.path.isdir(str(path)) and sublayer_spec(path) is not None:
-        from transformers import AutoTokenizer
-
-        model = load_sublayer_model(path, dtype=dtype, device=device)
-        try:
-            tok = AutoTokenizer.from_pretrained(str(path))
-        except (OSError, ValueError):  # a folder saved without a tokenizer
-            tok = None
-        return model, tok, read_meta(path)
-    model, tok = load_model(path, dtype=dtype, device=device)
+    model, tok = load_model(path, dtype=dtype, device=device)  # FinerCut's sublayer checkpoints included
     return model, tok, read_meta(path) if os.path.isdir(str(path)) else None
 
 

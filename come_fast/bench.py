@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Optional
 
 # The sweep's methods in roughly increasing cost; "all" runs them in this order.
-ALL_METHODS = ("magnitude+", "shortgpt", "reverse", "reverse-recover", "taylor+", "laco", "slm", "streamline",
-               "ppl", "come", "come-p", "come-faithful", "sleb", "finercut")
+ALL_METHODS = ("magnitude+", "shortgpt", "replaceme", "reverse", "reverse-recover", "taylor+", "laco", "slm",
+               "streamline", "ppl", "come", "come-p", "come-faithful", "sleb", "finercut")
 # Named variants: a registered method with fixed options. "<method>+distill" (the
 # method, then 100 steps of hierarchical distillation from the original along the
 # provenance) is not in "all": post-training is not part of the no-training

@@ -14,6 +14,7 @@ Two pieces:
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -46,15 +47,66 @@ def _tokens_from_text(text: str, tokenizer, n: int, seq_len: int, source: str) -
     return torch.tensor(ids[:need], dtype=torch.long).reshape(n, seq_len)
 
 
+def _check_text_file(path: Path) -> None:
+    """A .txt must be UTF-8 text: say where it is not (random bytes, a binary)."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CalibrationError(f"calibration file {path} is not UTF-8 text (byte {e.start}: "
+                               f"{data[e.start:e.start + 1]!r}); give a text file or tokens (.safetensors)") from None
+    if "\x00" in text:
+        raise CalibrationError(f"calibration file {path} holds NUL bytes: a binary file, not text")
+
+
+def _check_json_lines(path: Path) -> None:
+    """Each non-blank line of a .jsonl must be a JSON object whose ``text`` is a
+    string: name the first line that is not."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise CalibrationError(f"{path}, line {n}: not UTF-8 text") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CalibrationError(f"{path}, line {n}: invalid JSON ({e.msg}, column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise CalibrationError(f"{path}, line {n}: expected a JSON object with a 'text' field, "
+                                       f"got {type(row).__name__}")
+            if "text" not in row:
+                raise CalibrationError(f"{path}, line {n}: no 'text' field (fields: {sorted(row)})")
+            if not isinstance(row["text"], str):
+                got = "null" if row["text"] is None else f"{type(row['text']).__name__} {row['text']!r:.40}"
+                raise CalibrationError(f"{path}, line {n}: 'text' must be a string, got {got}")
+
+
 def _read_docs(path: Path) -> list[str]:
     import datasets
 
-    kind = "json" if path.suffix == ".jsonl" else "text"
+    kind = "json" if path.suffix in (".jsonl", ".json") else "text"
+    # checked here first: datasets' own errors name neither the line nor the mistake
+    if path.suffix == ".jsonl":
+        _check_json_lines(path)
+    elif kind == "text":
+        _check_text_file(path)
     kwargs = {} if kind == "json" else {"sample_by": "document"}
-    ds = datasets.load_dataset(kind, data_files=str(path), split="train", **kwargs)
+    try:
+        ds = datasets.load_dataset(kind, data_files=str(path), split="train", **kwargs)
+    except Exception as e:  # datasets wraps the reader's error in its own (DatasetGenerationError, ...)
+        cause = e.__cause__ or e.__context__ or e
+        raise CalibrationError(f"could not read calibration file {path} as {kind}: "
+                               f"{cause.__class__.__name__}: {str(cause)[:200]}") from None
     if "text" not in ds.column_names:
         raise CalibrationError(f"{path} has no 'text' field (fields: {ds.column_names})")
-    return [t for t in ds["text"] if t]
+    texts = ds["text"]
+    bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+    if bad is not None:
+        raise CalibrationError(f"{path}, record {bad + 1}: 'text' must be a string, got {texts[bad]!r:.40}")
+    return [t for t in texts if t]
 
 
 def sample_from_model(model, tokenizer, n: int, seq_len: int, seed: int = 0) -> torch.Tensor:
@@ -109,6 +161,14 @@ def default_calibration(model, tokenizer, n: int, seq_len: int, seed: int = 0) -
     return ids
 
 
+def check_calibration_sizes(n_samples, seq_len) -> None:
+    """``n_samples`` >= 1 and ``seq_len`` >= 2, integers (not bools), or CalibrationError naming the one that is not."""
+    for name, v, lo in (("n_samples", n_samples, 1), ("seq_len", seq_len, 2)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            what = "a positive integer" if lo == 1 else f"an integer >= {lo} (a next-token loss needs 2 tokens)"
+            raise CalibrationError(f"{name} must be {what}, got {v!r}")
+
+
 def calibration_tokens(calib, model, tokenizer, n_samples: int = 32, seq_len: int = 256, seed: int = 0) -> torch.Tensor:
     """Fixed calibration batches as a LongTensor [n, seq_len].
 
@@ -118,6 +178,7 @@ def calibration_tokens(calib, model, tokenizer, n_samples: int = 32, seq_len: in
     rows); a dataset name (hub, where reachable; its ``text`` field); or None
     for the embedded default (sequences sampled from the model itself).
     """
+    check_calibration_sizes(n_samples, seq_len)
     if calib is None:
         return default_calibration(model, tokenizer, n_samples, seq_len, seed)
     if isinstance(calib, torch.Tensor):
@@ -129,7 +190,12 @@ def calibration_tokens(calib, model, tokenizer, n_samples: int = 32, seq_len: in
                 raise CalibrationError(f"calibration file {p} does not exist")
             from safetensors.torch import load_file
 
-            d = load_file(str(p))
+            try:
+                d = load_file(str(p))
+            except Exception as e:  # safetensors' SafetensorError: a truncated or foreign file
+                raise CalibrationError(f"calibration file {p} is not a readable safetensors file "
+                                       f"({str(e)[:200]}); write it with safetensors.torch.save_file"
+                                       "({'input_ids': tokens})") from None
             if "input_ids" not in d:
                 raise CalibrationError(f"{p} has no tensor 'input_ids' (keys: {sorted(d)})")
             ids = d["input_ids"]
@@ -260,13 +326,27 @@ class LayerStream:
         self.boundary = {k: v for k, v in self.boundary.items() if k <= start}
 
     # running ------------------------------------------------------------------------
-    def _layer_forward(self, layer, x: torch.Tensor) -> torch.Tensor:
+    def forward_layer(self, layer, x: torch.Tensor) -> torch.Tensor:
+        """``layer`` on hidden states ``x`` [rows, T, d], in the stream's batches (no autograd)."""
         outs = []
-        for i in range(0, self.n, self.bs):
-            xb = x[i:i + self.bs]
-            outs.append(run_layers(self.adapter, [layer], xb, self.position_ids,
-                                   self.position_embeddings[xb.shape[0]]))
-        return torch.cat(outs)
+        with torch.inference_mode():
+            for i in range(0, x.shape[0], self.bs):
+                xb = x[i:i + self.bs]
+                b = xb.shape[0]
+                if b not in self.position_embeddings:
+                    self.position_embeddings[b] = self.adapter.rotary(xb, self.position_ids.expand(b, -1))
+                outs.append(run_layers(self.adapter, [layer], xb, self.position_ids, self.position_embeddings[b]))
+            return torch.cat(outs)
+
+    def boundaries(self):
+        """(j, x_j) for j = 0 .. L on the current model, raw (x_L before the
+        final norm), computed afresh and not cached: one layer's worth at a time."""
+        x = self.boundary[0]
+        yield 0, x
+        with torch.inference_mode():
+            for j, layer in enumerate(self.adapter.layers):
+                x = self.forward_layer(layer, x)
+                yield j + 1, x
 
     def _accumulator(self, acc: torch.Tensor):
         def hook(module, args):
@@ -298,7 +378,7 @@ class LayerStream:
                     handles.append(o.register_forward_pre_hook(self._accumulator(st.att_abs)))
                     handles.append(down.register_forward_pre_hook(self._accumulator(st.mlp_abs)))
                 try:
-                    y = self._layer_forward(layer, x)
+                    y = self.forward_layer(layer, x)
                 finally:
                     for h in handles:
                         h.remove()
@@ -325,7 +405,7 @@ class LayerStream:
         x = self.boundary[begin]
         with torch.inference_mode():
             for k in range(begin, l):
-                x = self._layer_forward(self.adapter.layers[k], x)
+                x = self.forward_layer(self.adapter.layers[k], x)
         return x
 
     def loss_with(self, start: int, layers: list) -> float:
@@ -336,7 +416,7 @@ class LayerStream:
         total, count = 0.0, 0
         with torch.inference_mode():
             for layer in layers:
-                x = self._layer_forward(layer, x)
+                x = self.forward_layer(layer, x)
             for i in range(0, self.n, self.bs):
                 h = a.final_norm(x[i:i + self.bs])[:, :-1]
                 logits = a.lm_head(h).float()
@@ -353,7 +433,7 @@ class LayerStream:
         x = self.input_of(start)
         with torch.inference_mode():
             for layer in layers:
-                x = self._layer_forward(layer, x)
+                x = self.forward_layer(layer, x)
             return self.adapter.final_norm(x) if final_norm else x
 
     def output(self) -> torch.Tensor:

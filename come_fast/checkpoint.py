@@ -60,11 +60,22 @@ def save_checkpoint(model, tokenizer, out_dir: str | os.PathLike, meta: dict, re
 
 
 def read_meta(path: str | os.PathLike) -> dict | None:
+    """The ``come_fast.json`` beside a checkpoint (None where there is none);
+    a corrupt one is refused, naming the file."""
+    from .models import CheckpointError
+
     p = Path(path) / META_FILE
     if not p.is_file():
         return None
-    with open(p) as f:
-        return json.load(f)
+    try:
+        with open(p, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{p} is not valid JSON ({e}): a corrupt come_fast record; the model itself may "
+                              f"be fine: move {META_FILE} away to load it without its record") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{p}: a corrupt come_fast record (expected a JSON object, got {type(meta).__name__})")
+    return meta
 
 
 # -- layers with sublayers removed --------------------------------------------------
@@ -89,29 +100,63 @@ def _write_sublayer_module(model, folder: Path) -> None:
     (folder / f"{SUBLAYER_MODULE}.py").write_text(src)
 
 
+def check_sublayer_spec(config: dict, where="config.json") -> dict | None:
+    """The ``come_fast_sublayers`` entry of a config dict, checked: a dict
+    with keys among "attention"/"mlp", each a list of distinct layer numbers
+    in [0, num_hidden_layers). None where there is none."""
+    from .models import CheckpointError
+
+    spec = config.get(sublayers.SPEC_KEY)
+    if spec is None:
+        return None
+    n = config.get("num_hidden_layers")
+    bad = f"{where}: malformed {sublayers.SPEC_KEY} {json.dumps(spec)[:200]}"
+    if not isinstance(spec, dict) or set(spec) - set(sublayers.KINDS):
+        raise CheckpointError(f"{bad}: expected {{\"attention\": [layers], \"mlp\": [layers]}}")
+    if not (isinstance(n, int) and not isinstance(n, bool) and n > 0):
+        raise CheckpointError(f"{where}: num_hidden_layers {n!r} is not a positive integer")
+    for kind, layers in spec.items():
+        if not isinstance(layers, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+            raise CheckpointError(f"{bad}: {kind!r} must be a list of layer numbers")
+        if len(set(layers)) != len(layers) or any(not 0 <= i < n for i in layers):
+            raise CheckpointError(f"{bad}: {kind!r} must list distinct layers in [0, {n})")
+    return spec
+
+
 def sublayer_spec(path: str | os.PathLike) -> dict | None:
-    """The removed-sublayer spec of a checkpoint folder (None: whole layers only)."""
+    """The removed-sublayer spec of a checkpoint folder (None: whole layers only), checked."""
+    from .models import _read_json
+
     p = Path(path) / "config.json"
     if not p.is_file():
         return None
-    with open(p) as f:
-        return json.load(f).get(sublayers.SPEC_KEY)
+    return check_sublayer_spec(_read_json(p, "config.json"), p)
 
 
-def load_sublayer_model(path: str | os.PathLike, dtype=None, device="cpu"):
+def load_sublayer_model(path: str | os.PathLike, dtype=None, device="cpu", checked: bool = False):
     """Load a checkpoint whose config carries ``come_fast_sublayers``: the
     family's stock class with those sublayers swapped out before the weights
-    are read, so every stored tensor has its place and none is missing."""
+    are read, so every stored tensor has its place and none is missing.
+    ``checked``: the folder already passed ``models.check_checkpoint_folder``."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+    from .models import _loading_error, check_checkpoint_folder, check_loading_info
+
+    if not checked:
+        check_checkpoint_folder(path)
     config = AutoConfig.from_pretrained(path)
     config.auto_map = None
     base = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     cls = sublayers.causal_lm_class(base)
     kwargs = {} if dtype is None else {"dtype": dtype}
-    model, info = cls.from_pretrained(path, config=config, output_loading_info=True, **kwargs)
-    bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
-    if bad:
-        raise ValueError(f"{path}: checkpoint does not match its come_fast_sublayers skeleton: {bad}")
+    try:
+        model, info = cls.from_pretrained(path, config=config, output_loading_info=True, use_safetensors=True,
+                                          **kwargs)
+    except Exception as e:
+        err = _loading_error(path, e)
+        if err is e:
+            raise
+        raise err from None
+    check_loading_info(info, f"{path} (with its {sublayers.SPEC_KEY} skeleton)")
     return model.to(device).eval()

@@ -44,6 +44,7 @@ def _compress(args) -> int:
                        n_samples=args.n_samples, seq_len=args.seq_len, batch_size=args.batch_size,
                        backend=args.backend, rounding=args.rounding, seed=args.seed, progress=not args.quiet,
                        distill_steps=args.distill_steps,
+                       compensate=None if args.compensate == "none" else args.compensate,
                        **({} if args.distill_lr is None else {"distill_lr": args.distill_lr}), **options)
     print(res.summary())
     print(f"provenance: {json.dumps(res.provenance)}")
@@ -59,7 +60,14 @@ def _eval(args) -> int:
     data_dir = args.data_dir or _default_data_dir()
     if data_dir is None or not Path(data_dir).is_dir():
         raise FileNotFoundError(f"data folder {data_dir!r} not found: pass --data-dir (the folder with wikitext2/, piqa/, ...)")
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    tasks = None
+    if args.tasks is not None:
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        if not tasks:
+            raise ValueError(f"--tasks {args.tasks!r} names no task; known: {', '.join(_known_tasks())}")
+        unknown = [t for t in tasks if t not in _known_tasks()]
+        if unknown:  # before the model loads
+            raise ValueError(f"unknown task(s) {', '.join(map(repr, unknown))}; known: {', '.join(_known_tasks())}")
     model, tok, meta = api.load(args.model)
     res = api.evaluate(model, tasks=tasks, data_dir=data_dir, limit=args.limit, tokenizer=tok,
                        progress=not args.quiet)
@@ -74,6 +82,37 @@ def _eval(args) -> int:
         out.with_suffix(".md").write_text(to_markdown({name: res}) + "\n")
         print(f"wrote {out} and {out.with_suffix('.md')}")
     return 0
+
+
+def _known_tasks() -> tuple:
+    from .eval import ALL_TASKS
+
+    return ALL_TASKS
+
+
+def _check_args(args) -> None:
+    """Numbers argparse takes as given but no command can use: refused before
+    anything loads, naming the flag."""
+    import math
+
+    def at_least(flag, value, lo, what):
+        if value is not None and value < lo:
+            raise ValueError(f"{flag} must be {what}, got {value}")
+
+    if args.cmd == "compress":
+        at_least("--n-samples", args.n_samples, 1, "a positive integer")
+        at_least("--seq-len", args.seq_len, 2, "at least 2 (tokens per calibration row)")
+        at_least("--batch-size", args.batch_size, 1, "a positive integer")
+        at_least("--threads", args.threads, 1, "a positive integer")
+        lr = args.distill_lr
+        if lr is not None and not (math.isfinite(lr) and 0 < lr <= 1):
+            raise ValueError(f"--distill-lr must be a number in (0, 1] (a learning rate), got {lr}")
+    elif args.cmd == "eval":
+        at_least("--limit", args.limit, 1, "a positive integer (the first N examples of each task)")
+    elif args.cmd == "bench":
+        at_least("--limit", args.limit, 1, "a positive integer (the first N examples of each task)")
+        at_least("--ppl-windows", args.ppl_windows, 1, "a positive integer (WikiText-2 windows)")
+        at_least("--threads", args.threads, 1, "a positive integer")
 
 
 def _parse_value(key: str, value: str, text: str, example: str) -> tuple[str, object]:
@@ -161,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--distill-steps", type=int, default=0,
                    help="then N steps of hierarchical distillation from the original model (0: none)")
     c.add_argument("--distill-lr", type=float, default=None, help="distillation learning rate (default 1e-4)")
+    c.add_argument("--compensate", default="auto", choices=["auto", "ls", "none"],
+                   help="closed-form refit of changed layers toward the original (ls); auto: the method's default")
     c.add_argument("--option", action="append", metavar="KEY=VALUE",
                    help="a method option, repeatable (e.g. score_rows=8, pair_tokens=all; see the README)")
     c.add_argument("--threads", type=int, default=None)
@@ -209,15 +250,34 @@ def main(argv=None) -> int:
 
         hf_logging.disable_progress_bar()
     try:
+        _check_args(args)
         return args.fn(args)
     except KeyboardInterrupt:
         print("interrupted; nothing was written", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError, OSError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, OSError, RuntimeError, FloatingPointError) as e:
+        # FloatingPointError: a training that diverged (distillation, Streamline, Reverse's recovery)
         if os.environ.get("COME_FAST_DEBUG"):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if os.environ.get("COME_FAST_DEBUG") or not _is_safetensors_error(e):
+            raise
+        # safetensors' own error type (not an OSError): a full disk while saving, a file it cannot parse
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 2
+
+
+def _is_safetensors_error(e: BaseException) -> bool:
+    return type(e).__name__ == "SafetensorError" and type(e).__module__.startswith("safetensors")
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).replace("\n", " ").strip() or e.__class__.__name__
+    if _is_safetensors_error(e) and ("os error 28" in text or "No space left" in text):
+        text = f"no space left on the device while writing safetensors ({text})"
+    return text
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapters import Adapter, count_parameters, layer_parameters
+from .adapters import (Adapter, combined_attention_kind, count_parameters, layer_parameters,
+                       set_attention_kind)
 from .calibration import LayerStream
 from .merge import delete_provenance, rdsc_merge, remove_layers, replace_window, window_provenance
 from . import sublayers
@@ -32,7 +33,11 @@ def calibration_slice(ctx, rows: Optional[int] = None) -> torch.Tensor:
     once per candidate use it to bound their cost."""
     rows = rows if rows is not None else ctx.options.get("score_rows")
     t = ctx.tokens
-    return t if rows is None else t[:max(1, int(rows))]
+    if rows is None:
+        return t
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+        raise ValueError(f"score_rows must be a positive integer (calibration rows), got {rows!r}")
+    return t[:rows]
 
 
 def open_stream(ctx, tokens: Optional[torch.Tensor] = None, collect: bool = False,
@@ -195,6 +200,7 @@ def fold_window(adapter: Adapter, stream: Optional[LayerStream], prov: list, sta
     layers = adapter.layers
     if layer is None:
         layer = rdsc_merge(adapter, layers[start], [layers[k] for k in range(start + 1, start + count)])
+    keep_attention_kind(adapter, layer, [layers[k] for k in range(start, start + count)])
     replace_window(adapter, start, count, layer)
     if stream is not None:
         stream.spliced(start, count, 1)
@@ -203,7 +209,29 @@ def fold_window(adapter: Adapter, stream: Optional[LayerStream], prov: list, sta
 
 def rdsc_candidate(adapter: Adapter, start: int, count: int) -> nn.Module:
     layers = adapter.layers
-    return rdsc_merge(adapter, layers[start], [layers[k] for k in range(start + 1, start + count)])
+    cand = rdsc_merge(adapter, layers[start], [layers[k] for k in range(start + 1, start + count)])
+    keep_attention_kind(adapter, cand, [layers[k] for k in range(start, start + count)])
+    return cand
+
+
+def keep_attention_kind(adapter: Adapter, layer: nn.Module, sources: list[nn.Module]) -> None:
+    """``layer`` stands for ``sources``: give it their attention kind (Qwen2/Qwen3
+    sliding-window layers), full attention where they differ
+    (come_fast.adapters.combined_attention_kind)."""
+    kind = combined_attention_kind(sources)
+    if kind is not None:
+        set_attention_kind(adapter, layer, kind)
+
+
+def check_trained(params, what: str, hint: str) -> None:
+    """The end of every trained path: refuse a result holding NaN or Inf
+    (a diverged or under/overflowing training) instead of returning it."""
+    for p in params:
+        if not torch.isfinite(p.detach()).all():
+            if p.dtype == torch.float16:
+                hint = "AdamW training in float16 under/overflows: load the model in float32 or bfloat16"
+            raise FloatingPointError(f"{what} holds NaN or Inf after training in "
+                                     f"{str(p.dtype).replace('torch.', '')}: {hint}")
 
 
 @contextlib.contextmanager

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .adapters import Adapter
+from .adapters import Adapter, combined_attention_kind, set_attention_kind
 from .dispatch import Ops
 
 
@@ -52,29 +52,61 @@ def _set(module: nn.Module, name: str, value: torch.Tensor) -> None:
     getattr(module, name).data = value
 
 
+NORMS = ("mean", "fold")
+
+
 def concat_merge(adapter: Adapter, layer_a: nn.Module, layer_b: nn.Module, sel: Selection, r: float,
-                 ops: Ops) -> nn.Module:
+                 ops: Ops, norms: str = "mean") -> nn.Module:
     """A new layer running the chosen heads and channels of both layers in
-    parallel on one normalised input. Weights are exact row/column copies; the
-    only arithmetic is the mean of the two RMSNorm weights (a plain mean, as the
-    release does) and r-weighted sums of o/down biases and q/k norms."""
+    parallel on one normalised input. Weights are row/column copies; o/down
+    biases are r-weighted sums.
+
+    ``norms="mean"`` (the release): the merged RMSNorm weights are the plain
+    mean of the two layers', so every unit sees a rescaled input, and q/k
+    norms (Qwen3) are r-weighted. ``norms="fold"``: each source layer's
+    input / post-attention norm weight is folded into its own kept q/k/v and
+    gate/up rows (column c scaled by w[c]) and the merged norms become 1, so
+    every kept unit sees exactly the input it saw before on the shared input.
+    Qwen3's per-head q/k norms act after the projection and before RoPE, where
+    nothing can absorb a per-layer weight; they are weighted by the share of
+    KV groups each layer contributes (exact when one layer gives all groups).
+    When one layer contributes every unit (split 0 or 1) the merge is that
+    layer, copied unchanged: a deletion of the other."""
+    if norms not in NORMS:
+        raise ValueError(f"norms must be one of {NORMS}, not {norms!r}")
     hd = adapter.head_dim
+    if norms == "fold":
+        if not (sel.kv_b or sel.mlp_b):
+            return copy.deepcopy(layer_a)
+        if not (sel.kv_a or sel.mlp_a):
+            return copy.deepcopy(layer_b)
     merged = copy.deepcopy(layer_a)
+    # sliding-window layers (Qwen2/Qwen3): one kind stays; unlike kinds give full attention
+    kind = combined_attention_kind([layer_a, layer_b])
+    if kind is not None:
+        set_attention_kind(adapter, merged, kind)
     dev = adapter.part(layer_a, "q").weight.device
+    fold = {}
+    if norms == "fold":
+        for roles, norm in ((("q", "k", "v"), "input_norm"), (("gate", "up"), "post_attn_norm")):
+            for role in roles:
+                fold[role] = (adapter.part(layer_a, norm).weight.data, adapter.part(layer_b, norm).weight.data)
 
     def gather(role: str, ia: list[int], ib: list[int], width: int, dim: int, bias: bool) -> None:
         ma, mb, mm = adapter.part(layer_a, role), adapter.part(layer_b, role), adapter.part(merged, role)
         ra, rb = _rows(ia, width).to(dev), _rows(ib, width).to(dev)
-        mm.weight.data = ops.gather_concat(ma.weight.data, ra, mb.weight.data, rb, dim,
-                                           out=torch.empty_like(ma.weight.data))
+        wa, wb = ma.weight.data, mb.weight.data
+        if role in fold:  # rows read the normalised input: scale column c by the source's norm weight
+            wa, wb = wa * fold[role][0].to(wa.dtype), wb * fold[role][1].to(wb.dtype)
+        mm.weight.data = ops.gather_concat(wa, ra, wb, rb, dim, out=torch.empty_like(ma.weight.data))
         if bias and getattr(ma, "bias", None) is not None:
             mm.bias.data = ops.gather_concat(ma.bias.data, ra, mb.bias.data, rb, 0,
                                              out=torch.empty_like(ma.bias.data))
 
-    def weighted(role: str, attr: str = "weight") -> None:
+    def weighted(role: str, attr: str = "weight", share: float = r) -> None:
         ma, mb, mm = adapter.part(layer_a, role), adapter.part(layer_b, role), adapter.part(merged, role)
         if ma is not None and getattr(ma, attr, None) is not None:
-            _set(mm, attr, r * getattr(ma, attr).data + (1 - r) * getattr(mb, attr).data)
+            _set(mm, attr, share * getattr(ma, attr).data + (1 - share) * getattr(mb, attr).data)
 
     gather("q", sel.q_heads_a, sel.q_heads_b, hd, 0, True)
     gather("k", sel.kv_a, sel.kv_b, hd, 0, True)
@@ -82,15 +114,19 @@ def concat_merge(adapter: Adapter, layer_a: nn.Module, layer_b: nn.Module, sel: 
     gather("o", sel.q_heads_a, sel.q_heads_b, hd, 1, False)
     weighted("o", "bias")
     if adapter.family.q_norm:
-        weighted("q_norm")
-        weighted("k_norm")
+        share = r if norms == "mean" else len(sel.kv_a) / max(1, len(sel.kv_a) + len(sel.kv_b))
+        weighted("q_norm", share=share)
+        weighted("k_norm", share=share)
     gather("gate", sel.mlp_a, sel.mlp_b, 1, 0, True)
     gather("up", sel.mlp_a, sel.mlp_b, 1, 0, True)
     gather("down", sel.mlp_a, sel.mlp_b, 1, 1, False)
     weighted("down", "bias")
     for role in ("input_norm", "post_attn_norm"):
         na, nb, nm = adapter.part(layer_a, role), adapter.part(layer_b, role), adapter.part(merged, role)
-        nm.weight.data = torch.stack([na.weight.data, nb.weight.data]).mean(0)
+        if norms == "fold":
+            nm.weight.data = torch.ones_like(na.weight.data)
+        else:
+            nm.weight.data = torch.stack([na.weight.data, nb.weight.data]).mean(0)
     return merged
 
 

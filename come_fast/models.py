@@ -8,12 +8,12 @@ later loads take well under a second.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
 import torch
 
-from .adapters import adapter_for
 from .savedir import _atomic_save_dir
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -82,26 +82,123 @@ def resolve(name_or_path: str | os.PathLike) -> str:
     return name  # a hub id; from_pretrained decides
 
 
+class CheckpointError(ValueError):
+    """A checkpoint folder come_fast will not load: no safetensors weights,
+    weights that do not match its config, an unreadable file."""
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}): a corrupt {what}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: a corrupt {what} (expected a JSON object, got {type(obj).__name__})")
+    return obj
+
+
+def check_checkpoint_folder(folder: str | os.PathLike) -> dict:
+    """What is checked before any weight of a local folder loads; returns its
+    config.json. Refused: a corrupt config.json, an unsupported architecture
+    (named from ``model_type``), weights in pickle files only (``*.bin``,
+    ``*.pt``: come_fast loads safetensors only), no weights at all, and a
+    malformed ``come_fast_sublayers`` entry (FinerCut)."""
+    from .adapters import SUPPORTED, UnsupportedArchitectureError
+    from .checkpoint import check_sublayer_spec
+
+    folder = Path(folder)
+    config = _read_json(folder / "config.json", "config.json")
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED:
+        raise UnsupportedArchitectureError(
+            f"unsupported architecture {model_type!r} in {folder / 'config.json'}: "
+            f"come_fast supports {', '.join(SUPPORTED)}")
+    if not any(folder.glob("*.safetensors")):
+        pickles = sorted(p.name for pat in ("*.bin", "*.pt", "*.pth", "*.ckpt") for p in folder.glob(pat))
+        if pickles:
+            raise CheckpointError(
+                f"{folder} holds weights only as pickle files ({', '.join(pickles[:3])}): come_fast loads "
+                "safetensors only (pickle files can run code when read). Convert it once where you trust it: "
+                "AutoModelForCausalLM.from_pretrained(folder).save_pretrained(new_folder)")
+        raise CheckpointError(f"{folder} holds config.json but no *.safetensors weights")
+    check_sublayer_spec(config, folder / "config.json")
+    return config
+
+
+def check_loading_info(info: dict, where) -> None:
+    """Refuse weights that do not fit the config: ``from_pretrained`` would
+    re-create missing ones at random and drop unexpected ones, with a warning
+    only. Tied weights (lm_head with tie_word_embeddings) are not reported missing."""
+    bad = {k: sorted(v) for k, v in info.items()
+           if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if not bad:
+        return
+    parts = []
+    for k, v in bad.items():
+        names = [str(x[0] if isinstance(x, tuple) else x) for x in v]
+        parts.append(f"{len(names)} {k.replace('_keys', '')} (e.g. {', '.join(names[:3])})")
+    raise CheckpointError(f"{where}: the weights do not match the config: {'; '.join(parts)}. "
+                          "A missing weight would be re-created at random; refusing to load")
+
+
+def _unreadable(where, e: Exception) -> CheckpointError:
+    return CheckpointError(f"could not read the weights of {where}: {str(e)[:300]} "
+                           "(a truncated or corrupt .safetensors file?)")
+
+
+def _loading_error(where, e: Exception) -> Exception:
+    """``from_pretrained``'s errors that do not say what is wrong, as a CheckpointError that does."""
+    if type(e).__name__ == "SafetensorError":
+        return _unreadable(where, e)
+    if isinstance(e, RuntimeError) and "ignore_mismatched_sizes" in str(e):
+        return CheckpointError(f"{where}: the shapes of some weights do not match the config (transformers' "
+                               "LOAD REPORT above lists them): a config edited, or weights of another model")
+    return e
+
+
 def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu"):
     """Return ``(model, tokenizer)`` in eval mode.
 
     ``name_or_path``: ``"smollm2-135m"`` (embedded default), a local folder
-    (also one written by ``come_fast.save``), or a hub id where a hub is reachable.
+    (also one written by ``come_fast.save``, FinerCut's sublayer checkpoints
+    included), or a hub id where a hub is reachable. Every come_fast loading
+    path comes here. A local folder is checked first (``check_checkpoint_folder``:
+    architecture, safetensors only, the sublayer spec); the weights must then
+    match the config exactly (``check_loading_info``).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .adapters import adapter_for
+
     where = resolve(name_or_path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
-    except OSError as e:
         if os.path.isdir(where):
+            config = check_checkpoint_folder(where)
+            if config.get("come_fast_sublayers") is not None:
+                from .checkpoint import load_sublayer_model
+
+                model = load_sublayer_model(where, dtype=dtype, device="cpu", checked=True)
+            else:
+                model, info = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, output_loading_info=True,
+                                                                   use_safetensors=True)
+                check_loading_info(info, where)
+        else:
+            try:
+                model, info = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, output_loading_info=True)
+            except OSError as e:
+                raise ModelNotFoundError(
+                    f"could not load {name_or_path!r}: not a local folder, and the hub could not provide it "
+                    f"(offline? wrong id?). Use a local checkpoint folder or {DEFAULT_MODEL!r}. "
+                    f"({e.__class__.__name__})") from None
+            adapter_for(model)  # unsupported families fail here, with the supported list
+            check_loading_info(info, where)
+    except Exception as e:
+        err = _loading_error(where, e)
+        if err is e:
             raise
-        raise ModelNotFoundError(
-            f"could not load {name_or_path!r}: not a local folder, and the hub could not provide it "
-            f"(offline? wrong id?). Use a local checkpoint folder or {DEFAULT_MODEL!r}. ({e.__class__.__name__})"
-        ) from None
-    adapter_for(model)  # unsupported families fail here, with the supported list
+        raise err from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(where)
     except Exception:  # a folder without tokenizer files: compressing still works from token tensors

@@ -124,5 +124,35 @@ def test_distillation_errors():
                            teacher=tiny_model("llama", num_hidden_layers=4))
     with pytest.raises(ValueError, match="sublayers"):
         come_fast.compress(tiny_model("llama"), ratio=0.2, calib=ids, method="finercut", distill_steps=2)
-    with pytest.raises(FloatingPointError, match="distillation diverged .*lower distill_lr"):
+    with pytest.raises(ValueError, match="distill_lr"):
         come_fast.compress(tiny_model("llama"), target_layers=4, calib=ids, distill_steps=3, distill_lr=1e30)
+
+
+def test_diverged_distillation_is_refused_and_the_model_restored(monkeypatch):
+    """A distillation that ends in NaN raises, and the caller's model comes back
+    as it was given: its layer objects untouched, the layer count and its outputs."""
+    from come_fast import distill as trainer
+
+    real = trainer.distill
+
+    def diverging(forward, params, *args, **kwargs):
+        rep = real(forward, params, *args, **kwargs)
+        with torch.no_grad():
+            params[0].fill_(float("nan"))
+        return rep
+
+    monkeypatch.setattr("come_fast.posttrain.distill", diverging)
+    model = tiny_model("llama")
+    ids = tokens(n=4)
+    x = tokens(n=1, T=7)
+    with torch.inference_mode():
+        before = model(x).logits
+    layers = list(model.model.layers)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    for method in ("come", "shortgpt"):
+        with pytest.raises(FloatingPointError, match="distillation diverged .*lower distill_lr"):
+            come_fast.compress(model, target_layers=4, method=method, calib=ids, distill_steps=2)
+        assert list(model.model.layers) == layers and model.config.num_hidden_layers == 6
+        assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
+        with torch.inference_mode():
+            assert torch.equal(model(x).logits, before)

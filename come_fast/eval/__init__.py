@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Iterable, Mapping, Optional
 
-from .perplexity import WIKITEXT2_TEST, wikitext2_perplexity, wikitext2_perplexity_details
-from .tasks import TASKS, check_files, evaluate_task, get_task, load_examples
+from .perplexity import WIKITEXT2_TEST, check_windows, wikitext2_perplexity, wikitext2_perplexity_details
+from .tasks import TASKS, check_files, check_limit, evaluate_task, get_task, load_examples
 
 PERPLEXITY_TASK = "wikitext2"
 ZERO_SHOT_TASKS = tuple(TASKS)  # piqa, hellaswag, winogrande, arc_easy, arc_challenge, boolq, openbookqa
@@ -38,7 +38,11 @@ def default_data_dir() -> Path:
 
 
 def _check_task_names(tasks: Iterable[str]) -> list[str]:
+    if isinstance(tasks, str):  # "piqa" would iterate as letters
+        tasks = [t.strip() for t in tasks.split(",") if t.strip()]
     names = list(tasks)
+    if not names:
+        raise ValueError(f"no task given; known tasks: {', '.join(ALL_TASKS)}")
     unknown = [t for t in names if t not in ALL_TASKS]
     if unknown:
         raise ValueError(f"unknown task(s) {', '.join(map(repr, unknown))}; known tasks: {', '.join(ALL_TASKS)}")
@@ -78,6 +82,11 @@ def evaluate(model, tokenizer, tasks: Iterable[str] = ALL_TASKS, data_dir=None, 
          "config": {...}, "seconds": total}
     """
     names = _check_task_names(tasks)
+    check_limit(limit)
+    check_windows(ppl_windows)
+    if tokenizer is None:
+        raise ValueError("evaluation needs the model's tokenizer, and none was found: the model folder holds no "
+                         "tokenizer files (save one beside the checkpoint) and none was passed (tokenizer=)")
     data_dir = Path(default_data_dir() if data_dir is None else data_dir)
     _check_data(names, data_dir)
     start = time.perf_counter()

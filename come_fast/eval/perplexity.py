@@ -41,6 +41,12 @@ def token_ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def check_windows(windows) -> None:
+    """``windows``: None (every full window) or a positive integer."""
+    if windows is not None and (isinstance(windows, bool) or not isinstance(windows, int) or windows < 1):
+        raise ValueError(f"ppl_windows must be a positive integer (WikiText-2 windows) or None (all), got {windows!r}")
+
+
 def window_starts(n_tokens: int, seq_len: int, windows: Optional[int], stride: Optional[int] = None) -> list[int]:
     """Start offsets of the full windows that fit in ``n_tokens``; a trailing
     partial window is dropped, as in the GPTQ/SparseGPT protocol."""
@@ -49,6 +55,7 @@ def window_starts(n_tokens: int, seq_len: int, windows: Optional[int], stride: O
         raise ValueError(f"seq_len must be at least 2, got {seq_len}")
     if stride < 1:
         raise ValueError(f"stride must be positive, got {stride}")
+    check_windows(windows)
     available = 0 if n_tokens < seq_len else (n_tokens - seq_len) // stride + 1
     if windows is None:
         return [i * stride for i in range(available)]

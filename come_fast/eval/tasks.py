@@ -249,9 +249,17 @@ def check_files(name: str, data_dir) -> None:
             raise FileNotFoundError(f"data file for task {name!r} not found: {path}")
 
 
+def check_limit(limit) -> None:
+    """``limit``: None (every example) or a positive integer; 0, a negative
+    number (which slicing would read as "all but the last N") or a float is refused."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive integer (the first N examples of each task) or None, got {limit!r}")
+
+
 def load_examples(name: str, data_dir, limit: Optional[int] = None) -> list[MCExample]:
     """The task's examples in file order; ``limit=N`` keeps the first N."""
     spec = get_task(name)
+    check_limit(limit)
     check_files(name, data_dir)
     docs = spec.load(Path(data_dir))
     if limit is not None:

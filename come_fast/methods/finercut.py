@@ -26,7 +26,7 @@ from __future__ import annotations
 from .. import layerops as ops
 from .. import sublayers
 from ..adapters import count_parameters
-from . import Context, Outcome, register
+from . import Context, Outcome, positive_int, register
 
 
 def accept(removed: int, size: int, target: int, rounding: str) -> bool:
@@ -54,7 +54,7 @@ def _finish(a, steps: list, target: int, rounding: str, before: int, extra: dict
                              **extra})
 
 
-@register("finercut", options=("score_rows",))
+@register("finercut", options={"score_rows": positive_int})
 def finercut(ctx: Context, n_remove: int) -> Outcome:
     a = ctx.adapter
     o = ctx.options

@@ -25,7 +25,7 @@ equals keeping the window's last layer; that behaviour is not offered.
 from __future__ import annotations
 
 from .. import layerops as ops
-from . import Context, Outcome, register
+from . import Context, Outcome, integer, non_negative_int, number, positive_int, register
 
 
 def similarity_stream(ctx: Context, key: str):
@@ -41,8 +41,9 @@ def candidate_similarity(a, stream, ref, start: int, count: int):
     return ops.sequence_cosine(ref, out), cand
 
 
-@register("laco", options=("laco_layers", "laco_interval", "laco_threshold", "laco_relax", "laco_lowest",
-                          "laco_highest", "laco_sentences"))
+@register("laco", options={"laco_layers": integer(2), "laco_interval": positive_int, "laco_threshold": number(),
+                          "laco_relax": number(0, lo_open=True), "laco_lowest": non_negative_int,
+                          "laco_highest": non_negative_int, "laco_sentences": positive_int})
 def laco(ctx: Context, n_remove: int) -> Outcome:
     a = ctx.adapter
     o = ctx.options

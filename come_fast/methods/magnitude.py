@@ -5,11 +5,11 @@ Needs no calibration data."""
 from __future__ import annotations
 
 from .. import layerops as ops
-from . import Context, Outcome, register
+from . import Context, Outcome, non_negative_int, register
 from .taylor import shortened_llama
 
 
-@register("magnitude+", options=("keep_first", "keep_last"))
+@register("magnitude+", options={"keep_first": non_negative_int, "keep_last": non_negative_int})
 def magnitude_plus(ctx: Context, n_remove: int) -> Outcome:
     t = ops.Timer()
     scores = ops.weight_scores(ctx.adapter, grads=False)

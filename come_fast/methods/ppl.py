@@ -11,10 +11,10 @@ from __future__ import annotations
 import math
 
 from .. import layerops as ops
-from . import Context, Outcome, register
+from . import Context, Outcome, positive_int, register
 
 
-@register("ppl", options=("score_rows",))
+@register("ppl", options={"score_rows": positive_int})
 def ppl(ctx: Context, n_remove: int) -> Outcome:
     t = ops.Timer()
     a = ctx.adapter

@@ -21,17 +21,20 @@ import torch
 from .. import layerops as ops
 from ..calibration import run_layers
 from ..distill import LossWeights, distill, evaluate_loss, training_only
-from . import Context, Outcome, register
+from . import Context, Outcome, boolean, learning_rate, non_negative_int, number, positive_int, register
 
 
-@register("reverse", options=("recover", "recover_layers", "recover_steps", "recover_lr", "recover_kl", "recover_ce",
-                              "recover_batch"))
+@register("reverse", options={"recover": boolean, "recover_layers": positive_int, "recover_steps": non_negative_int,
+                             "recover_lr": learning_rate, "recover_kl": number(0), "recover_ce": number(0),
+                             "recover_batch": positive_int})
 def reverse(ctx: Context, n_remove: int) -> Outcome:
     t = ops.Timer()
     a = ctx.adapter
     o = ctx.options
     L = len(a.layers)
     recover = bool(o.get("recover", False))
+    if recover and not (float(o.get("recover_kl", 1.0)) or float(o.get("recover_ce", 0.0))):
+        raise ValueError("reverse: recover_kl and recover_ce are both 0: the recovery has no loss to train on")
     stream = teacher = None
     if recover:
         stream = ops.open_stream(ctx)
@@ -72,12 +75,23 @@ def _recover(ctx, stream, teacher, w0, b0, settings: dict) -> dict:
     w = LossWeights(mse=0.0, kl=float(o.get("recover_kl", 1.0)), ce=float(o.get("recover_ce", 0.0)))
     bs = int(o.get("recover_batch", 2))
     n = x_in.shape[0]
-    with training_only(a.model, params):
-        before = evaluate_loss(forward, n, w, bs)
-        rep = distill(forward, params, n, steps=int(o.get("recover_steps", 100)), lr=float(o.get("recover_lr", 1e-4)),
-                      batch_size=bs, weights=w, seed=int(o.get("seed", 0)), progress=ctx.progress or False,
-                      label="recovery steps")
-        after = evaluate_loss(forward, n, w, bs)
+    # the trained modules are the caller's objects (tied head: the embedding too): a failed
+    # training puts their values back, so a failed compress leaves the model as it was given
+    saved = [p.detach().clone() for p in params]
+    try:
+        with training_only(a.model, params):
+            before = evaluate_loss(forward, n, w, bs)
+            rep = distill(forward, params, n, steps=int(o.get("recover_steps", 100)),
+                          lr=float(o.get("recover_lr", 1e-4)), batch_size=bs, weights=w, seed=int(o.get("seed", 0)),
+                          progress=ctx.progress or False, label="recovery steps")
+            after = evaluate_loss(forward, n, w, bs)
+        ops.check_trained(params, "reverse: a recovered layer, the final norm or the output head",
+                          f"lower recover_lr (was {float(o.get('recover_lr', 1e-4))})")
+    except BaseException:
+        with torch.no_grad():
+            for p, v in zip(params, saved):
+                p.copy_(v)
+        raise
     settings.update({"recover_layers": k, "recover_steps": rep.steps, "recover_weights": rep.weights,
                      **{f"recover_{key}": v for key, v in rep.settings.items()}})
     return {"recovery": {"trained_layers": list(range(start, L)), "loss_before": before, "loss_after": after,

@@ -9,10 +9,10 @@ recomputed. Option ``score_rows``: score on the first calibration rows only.
 from __future__ import annotations
 
 from .. import layerops as ops
-from . import Context, Outcome, register
+from . import Context, Outcome, positive_int, register
 
 
-@register("sleb", options=("score_rows",))
+@register("sleb", options={"score_rows": positive_int})
 def sleb(ctx: Context, n_remove: int) -> Outcome:
     a = ctx.adapter
     stream = ops.open_stream(ctx, tokens=ops.calibration_slice(ctx))

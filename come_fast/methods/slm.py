@@ -18,11 +18,12 @@ lowered by ``slm_relax`` (0.05) and the scan restarts from the top.
 from __future__ import annotations
 
 from .. import layerops as ops
-from . import Context, Outcome, register
+from . import Context, Outcome, non_negative_int, number, positive_int, register
 from .laco import candidate_similarity, similarity_stream
 
 
-@register("slm", options=("slm_threshold", "slm_relax", "slm_lowest", "slm_sentences"))
+@register("slm", options={"slm_threshold": number(), "slm_relax": number(0, lo_open=True),
+                         "slm_lowest": non_negative_int, "slm_sentences": positive_int})
 def slm(ctx: Context, n_remove: int) -> Outcome:
     a = ctx.adapter
     o = ctx.options

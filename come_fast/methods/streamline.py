@@ -24,7 +24,7 @@ import torch
 from .. import layerops as ops
 from ..calibration import run_layers
 from ..distill import LossWeights, distill, evaluate_loss, training_only
-from . import Context, Outcome, register
+from . import Context, Outcome, learning_rate, non_negative_int, positive_int, register
 
 
 def block_similarity(stream, b: int) -> list[float]:
@@ -33,7 +33,8 @@ def block_similarity(stream, b: int) -> list[float]:
     return [ops.mean_token_cosine(stream.boundary[j], stream.boundary[j + b]) for j in range(L - b + 1)]
 
 
-@register("streamline", options=("streamline_steps", "streamline_lr", "streamline_batch"))
+@register("streamline", options={"streamline_steps": non_negative_int, "streamline_lr": learning_rate,
+                                "streamline_batch": positive_int})
 def streamline(ctx: Context, n_remove: int) -> Outcome:
     t = ops.Timer()
     a = ctx.adapter
@@ -49,6 +50,7 @@ def streamline(ctx: Context, n_remove: int) -> Outcome:
         x_in = stream.input_of(j).clone()
         y = stream.hidden_with(j, list(a.layers[j:j + b]), final_norm=False).clone()  # the block's output
     new = copy.deepcopy(a.layers[j])
+    ops.keep_attention_kind(a, new, list(a.layers[j:j + b]))  # before training: it trains as what it will be
     pos = stream.position_ids
 
     def forward(idx):
@@ -62,6 +64,8 @@ def streamline(ctx: Context, n_remove: int) -> Outcome:
                       lr=float(o.get("streamline_lr", 1e-4)), batch_size=bs, weights=w, seed=int(o.get("seed", 0)),
                       progress=ctx.progress or False, label="replacement steps")
         mse_after = evaluate_loss(forward, x_in.shape[0], w, bs)
+    ops.check_trained(new.parameters(), "streamline: the trained replacement layer",
+                      f"lower streamline_lr (was {float(o.get('streamline_lr', 1e-4))})")
     prov = ops.fold_window(a, None, list(range(L)), j, b, layer=new)
     step = {"block": list(range(j, j + b)), "block_size": b, "similarity": sims, "mse_before": mse_before,
             "mse_after": mse_after, "train_seconds": rep.seconds, "seconds": t()}

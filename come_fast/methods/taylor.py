@@ -8,7 +8,7 @@ the first 4 and the last 2 layers are never deleted (options ``keep_first``,
 from __future__ import annotations
 
 from .. import layerops as ops
-from . import Context, Outcome, register
+from . import Context, Outcome, non_negative_int, positive_int, register
 
 
 def shortened_llama(ctx: Context, n_remove: int, scores: list[float], name: str, extra: dict) -> Outcome:
@@ -23,7 +23,8 @@ def shortened_llama(ctx: Context, n_remove: int, scores: list[float], name: str,
                              "keep_last": int(ctx.options.get("keep_last", 2))})
 
 
-@register("taylor+", options=("keep_first", "keep_last", "score_rows"))
+@register("taylor+", options={"keep_first": non_negative_int, "keep_last": non_negative_int,
+                               "score_rows": positive_int})
 def taylor_plus(ctx: Context, n_remove: int) -> Outcome:
     t = ops.Timer()
     tokens = ops.calibration_slice(ctx)

@@ -1,0 +1,89 @@
+"""Development metric for choosing defaults: perplexity on held-out C4 text.
+
+The quality issue forbids tuning on WikiText-2 test. This script measures a
+compressed model on C4 documents 500-999 of ``data/c4/train_sample.jsonl``
+(the calibration tokens come from the first 64 documents), 20 windows of 512
+tokens, the same protocol as the WikiText-2 perplexity otherwise.
+
+    python benchmarks/dev_ppl.py --method come --ratio 0.3 [--option KEY=VALUE ...] [--out FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import come_fast
+from come_fast.cli import _parse_kv, _default_data_dir
+from come_fast.eval.perplexity import perplexity_of_ids, token_ids
+
+CALIB = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "come_reference" / "calib_tokens.safetensors"
+
+
+def c4_dev_ids(tokenizer, data_dir: str, first_doc: int = 500) -> list[int]:
+    lines = (Path(data_dir) / "c4" / "train_sample.jsonl").read_text().splitlines()
+    text = "\n\n".join(json.loads(l)["text"] for l in lines[first_doc:])
+    return token_ids(tokenizer, text)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--method", default="come")
+    p.add_argument("--ratio", type=float, default=0.3)
+    p.add_argument("--option", action="append", default=[])
+    p.add_argument("--windows", type=int, default=20)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--generate", action="store_true", help="also print a greedy continuation")
+    p.add_argument("--progress", action="store_true")
+    p.add_argument("--snapshots", default=None, help="smaller ratios measured on the way (progressive methods)")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    opts = dict(_parse_kv(t) for t in args.option)
+    model, tok = come_fast.load_model("smollm2-135m")
+    t0 = time.perf_counter()
+    ids = c4_dev_ids(tok, _default_data_dir())
+    snaps = {}
+    if args.snapshots:
+        from come_fast.api import removals_for_ratio
+
+        want = {removals_for_ratio(model, float(r)): float(r) for r in args.snapshots.split(",")}
+
+        def on_step(partial):
+            r = want.get(partial.layers_before - partial.layers_after)
+            if r is not None:
+                snaps[r] = {"c4_dev_ppl": perplexity_of_ids(partial.model, ids, windows=args.windows)["ppl"],
+                            "provenance": partial.provenance, "seconds": partial.seconds}
+                print(json.dumps({"snapshot": r, **snaps[r]}), flush=True)
+
+        opts["on_step"] = on_step
+    if args.method != "dense":
+        res = come_fast.compress(model, ratio=args.ratio, method=args.method, calib=str(CALIB), tokenizer=tok,
+                                  progress=args.progress, **opts)
+        opts.pop("on_step", None)
+        secs = time.perf_counter() - t0
+        prov = res.provenance
+        steps = [{k: st.get(k) for k in ("pair", "ratio", "loss", "removed", "seconds")} for st in res.report
+                 if isinstance(st, dict) and "compensation" not in st]
+    else:
+        secs, prov, steps = 0.0, None, None
+    ppl = perplexity_of_ids(model, ids, windows=args.windows)["ppl"]
+    out = {"method": args.method, "ratio": args.ratio, "options": opts, "c4_dev_ppl": ppl, "compress_s": secs,
+           "provenance": prov, "steps": steps, "snapshots": snaps}
+    if args.generate:
+        ids_in = tok("The capital of France is", return_tensors="pt").input_ids
+        with torch.inference_mode():
+            g = model.generate(ids_in, max_new_tokens=20, do_sample=False)
+        out["generate"] = tok.decode(g[0])
+    print(json.dumps(out))
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,325 @@
+"""Closed-form compensation: refit a layer's output projection by ridge least squares.
+
+After a merge or a deletion, student layer k stands for the original layers
+of its span: from its first original layer up to (not including) the first
+original layer of the next student layer, so a gap left by deleted layers
+belongs to the kept layer before it (as ReplaceMe folds its map into the
+layer before the cut). Its output should be the teacher's hidden state after
+that span, t. With the layer's real input x (the compressed model's, errors of
+the layers below included), the residual stream before the MLP h1 and the
+MLP's hidden activations a (the input of ``down_proj``), the MLP output is
+linear in W = ``down_proj.weight``, so
+
+    W' = argmin_W  ||t - h1 - b - a W^T||^2 + lam ||W - W0||^2
+       = (C + lam W0^T)^T (G + lam I)^-1,   G = sum a^T a,  C = sum a^T (t - h1 - b)
+
+(ridge toward the current weight W0: a heavy ridge changes nothing). G and C
+are accumulated in float64 over calibration batches, O(I^2 + I d) memory,
+never tokens x I. lam = alpha * mean(diag G); alpha is chosen on calibration
+rows held apart from the fit (the held-out residual has a closed form in the
+held-out G, C and ||R||^2), among ``alphas`` and "keep W0" (no refit), then
+the refit uses all rows. Solved by Cholesky; where it fails (G + lam I not
+numerically positive definite) by ``torch.linalg.lstsq`` (stated in the report).
+
+``TeacherStates`` holds the teacher's hidden states at every layer boundary on
+the calibration rows, in memory up to a byte budget and in memory-mapped files
+beyond it, so a model with many wide layers does not need them all in RAM.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from .adapters import Adapter
+
+ALPHAS = (1e-3, 1e-2, 1e-1, 1.0)   # ridge candidates, relative to mean(diag G)
+HOLDOUT = 0.25                      # share of calibration rows held apart to choose the ridge
+
+
+class CompensationError(ValueError):
+    pass
+
+
+# -- where each student layer's target lies ---------------------------------------------
+
+def _leaves(item) -> list[int]:
+    if isinstance(item, (list, tuple)):
+        return [x for it in item for x in _leaves(it)]
+    return [int(item)]
+
+
+def spans(provenance: list, n_original: int) -> list[tuple[int, int]]:
+    """[start, end) in original layers for every student layer: from its first
+    original layer to the next student layer's first (a gap of deleted layers
+    belongs to the layer before it; the last layer runs to the end)."""
+    starts = [min(_leaves(p)) for p in provenance]
+    ends = starts[1:] + [n_original]
+    out = list(zip(starts, ends))
+    for (s, e), p in zip(out, provenance):
+        if e <= s or max(_leaves(p)) >= e:
+            raise CompensationError(f"provenance {provenance} is not in layer order")
+    return out
+
+
+def changed_layers(provenance: list, n_original: int) -> list[int]:
+    """Student layers that stand for more than their own original layer (merged,
+    or followed by a gap): the ones whose output is refit."""
+    return [k for k, (s, e) in enumerate(spans(provenance, n_original)) if e - s > 1 or isinstance(provenance[k], list)]
+
+
+# -- the teacher's boundaries -----------------------------------------------------------
+
+class TeacherStates:
+    """Hidden states x_0 .. x_L of the original model on the calibration rows
+    (raw: x_L before the final norm). ``max_bytes``: kept in memory up to that
+    much, the rest written to a temporary folder and read back memory-mapped."""
+
+    def __init__(self, max_bytes: Optional[int] = None):
+        self.max_bytes = max_bytes
+        self.mem: dict[int, torch.Tensor] = {}
+        self.files: dict[int, Path] = {}
+        self.bytes_in_memory = 0
+        self._dir: Optional[Path] = None
+
+    def put(self, j: int, x: torch.Tensor) -> None:
+        nbytes = x.numel() * x.element_size()
+        if self.max_bytes is None or self.bytes_in_memory + nbytes <= self.max_bytes:
+            self.mem[j] = x
+            self.bytes_in_memory += nbytes
+            return
+        if self._dir is None:
+            self._dir = Path(tempfile.mkdtemp(prefix="come_fast-teacher-"))
+        path = self._dir / f"x{j}.pt"
+        torch.save(x.detach().cpu().contiguous(), path)
+        self.files[j] = path
+
+    def __getitem__(self, j: int) -> torch.Tensor:
+        if j in self.mem:
+            return self.mem[j]
+        return torch.load(self.files[j], mmap=True, weights_only=True)
+
+    def __len__(self) -> int:
+        return len(self.mem) + len(self.files)
+
+    def close(self) -> None:
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+        self.mem.clear()
+        self.files.clear()
+
+    def __del__(self):
+        self.close()
+
+    @classmethod
+    def from_stream(cls, stream, max_bytes: Optional[int] = None) -> "TeacherStates":
+        """Run the stream's (still uncompressed) model once, keeping every boundary."""
+        ts = cls(max_bytes)
+        for j, x in stream.boundaries():
+            ts.put(j, x)
+        return ts
+
+
+# -- normal equations -------------------------------------------------------------------
+
+@dataclass
+class NormalEquations:
+    """sum a^T a, sum a^T R and sum ||R||^2 over tokens, in float64."""
+
+    G: torch.Tensor
+    C: torch.Tensor
+    s: float = 0.0
+    tokens: int = 0
+
+    @classmethod
+    def zeros(cls, n_in: int, n_out: int, device) -> "NormalEquations":
+        return cls(torch.zeros(n_in, n_in, dtype=torch.float64, device=device),
+                   torch.zeros(n_in, n_out, dtype=torch.float64, device=device))
+
+    def add(self, a: torch.Tensor, R: torch.Tensor) -> None:
+        a = a.reshape(-1, a.shape[-1]).double()
+        R = R.reshape(-1, R.shape[-1]).double()
+        self.G += a.T @ a
+        self.C += a.T @ R
+        self.s += float(R.pow(2).sum())
+        self.tokens += a.shape[0]
+
+    def __add__(self, other: "NormalEquations") -> "NormalEquations":
+        return NormalEquations(self.G + other.G, self.C + other.C, self.s + other.s, self.tokens + other.tokens)
+
+    def residual(self, Wt: torch.Tensor) -> float:
+        """sum ||R - a Wt||^2 for Wt [n_in, n_out], from the sums alone."""
+        Wt = Wt.double()
+        return float(self.s - 2 * (Wt * self.C).sum() + (Wt * (self.G @ Wt)).sum())
+
+
+def solve_ridge(eq: NormalEquations, W0t: torch.Tensor, lam: float) -> tuple[torch.Tensor, str]:
+    """(G + lam I)^-1 (C + lam W0t) and the solver used ("cholesky" or "lstsq")."""
+    n = eq.G.shape[0]
+    A = eq.G + lam * torch.eye(n, dtype=torch.float64, device=eq.G.device)
+    B = eq.C + lam * W0t.double()
+    L, info = torch.linalg.cholesky_ex(A)
+    if int(info) == 0:
+        return torch.cholesky_solve(B, L), "cholesky"
+    return torch.linalg.lstsq(A.cpu(), B.cpu(), driver="gelsd").solution.to(A.device), "lstsq"
+
+
+# -- the refit ----------------------------------------------------------------------------
+
+def holdout_rows(n: int, share: float = HOLDOUT) -> list[int]:
+    """Every k-th row (k = round(1/share)), the last rows of each stride: spread
+    over the calibration set rather than its tail. Empty when n < 4."""
+    if share <= 0 or n < 4:
+        return []
+    k = max(2, round(1 / share))
+    return [i for i in range(n) if i % k == k - 1]
+
+
+@dataclass
+class RefitReport:
+    layer: int
+    target_boundary: int
+    alpha: Optional[float]            # None: the held-out rows preferred the weight as it was
+    ridge: Optional[float]            # alpha * mean(diag G)
+    solver: Optional[str]
+    residual_before: float            # relative: ||R - a W0^T||^2 / ||R + h1 ... ||; see ``relative``
+    residual_after: float
+    heldout_before: Optional[float]
+    heldout_after: Optional[float]
+    tokens: int
+    alphas_tried: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+WEIGHTINGS = ("none", "rms")
+
+
+def down_equations(adapter: Adapter, stream, layer, x: torch.Tensor, target: torch.Tensor,
+                   heldout: Sequence[int], weighting: str = "none"
+                   ) -> tuple[NormalEquations, NormalEquations, float, torch.Tensor]:
+    """Run ``layer`` on inputs ``x`` [n, T, d] batch by batch and accumulate the
+    equations of its down_proj for targets ``target``: (fit rows, held-out rows,
+    sum of ||target - x||^2 (the layer's job, for relative residuals), outputs).
+    ``weighting="rms"``: each token's squared error divided by its target's mean
+    square, the scale the next layer's RMSNorm removes (otherwise the few tokens
+    with massive activations decide the fit)."""
+    if weighting not in WEIGHTINGS:
+        raise CompensationError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    down = adapter.part(layer, "down")
+    I, d = down.in_features, down.out_features
+    dev = down.weight.device
+    fit, held = NormalEquations.zeros(I, d, dev), NormalEquations.zeros(I, d, dev)
+    held_set = set(heldout)
+    seen = {}
+
+    def hook(module, args, out):
+        seen["a"], seen["m"] = args[0], out
+
+    h = down.register_forward_hook(hook)
+    bias = down.bias
+    job = 0.0
+    outs = []
+    try:
+        with torch.inference_mode():
+            for i in range(0, x.shape[0], stream.bs):
+                xb = x[i:i + stream.bs]
+                y = stream.forward_layer(layer, xb)
+                outs.append(y)
+                tb = target[i:i + stream.bs].to(dev)
+                R = tb.double() - (y.double() - seen["m"].double())
+                if bias is not None:
+                    R = R - bias.double()
+                a_ = seen["a"].double()
+                D = tb.double() - xb.double()
+                if weighting == "rms":
+                    w = tb.double().pow(2).mean(-1, keepdim=True).clamp_min(1e-12).rsqrt()
+                    a_, R, D = a_ * w, R * w, D * w
+                job += float(D.pow(2).sum())
+                for j in range(xb.shape[0]):
+                    (held if i + j in held_set else fit).add(a_[j], R[j])
+    finally:
+        h.remove()
+    return fit, held, job, torch.cat(outs)
+
+
+def refit_down(adapter: Adapter, stream, layer, x: torch.Tensor, target: torch.Tensor, *,
+               alphas: Sequence[float] = ALPHAS, holdout: float = HOLDOUT, weighting: str = "none",
+               index: int = -1, target_boundary: int = -1) -> RefitReport:
+    """Refit ``layer``'s down_proj in place (see the module docstring) and
+    return the report; residuals are relative to ||target - x||^2, the part of
+    the target the layer has to produce."""
+    if any(not (isinstance(al, (int, float)) and al > 0 and math.isfinite(al)) for al in alphas) or not alphas:
+        raise CompensationError(f"ridge values must be positive and finite, got {list(alphas)!r}")
+    heldout = holdout_rows(x.shape[0], holdout)
+    fit, held, job, _ = down_equations(adapter, stream, layer, x, target, heldout, weighting)
+    down = adapter.part(layer, "down")
+    W0t = down.weight.detach().T.double()
+    allq = fit + held
+    job = max(job, 1e-30)
+    scale = float(allq.G.diagonal().mean())
+    before = allq.residual(W0t) / job
+    tried = {}
+    best_alpha = None
+    if heldout:
+        best = held.residual(W0t)
+        tried["keep"] = best / job
+        for al in alphas:
+            Wt, _ = solve_ridge(fit, W0t, al * scale)
+            r = held.residual(Wt)
+            tried[al] = r / job
+            if r < best:
+                best, best_alpha = r, al
+    else:  # too few rows to hold any apart: the smallest ridge offered
+        best_alpha = min(alphas)
+    rep = RefitReport(layer=index, target_boundary=target_boundary, alpha=best_alpha, ridge=None, solver=None,
+                      residual_before=before, residual_after=before,
+                      heldout_before=tried.get("keep"), heldout_after=tried.get(best_alpha, tried.get("keep")),
+                      tokens=allq.tokens, alphas_tried={str(k): v for k, v in tried.items()})
+    if best_alpha is None:
+        return rep
+    lam = best_alpha * scale
+    Wt, solver = solve_ridge(allq, W0t, lam)
+    rep.ridge, rep.solver = lam, solver
+    rep.residual_after = allq.residual(Wt) / job
+    with torch.no_grad():
+        down.weight.copy_(Wt.T.to(down.weight.dtype))
+    return rep
+
+
+def compensate_model(adapter: Adapter, stream, teacher: TeacherStates, provenance: list, n_original: int, *,
+                     layers: Optional[Sequence[int]] = None, alphas: Sequence[float] = ALPHAS,
+                     holdout: float = HOLDOUT, weighting: str = "none", progress=None) -> list[dict]:
+    """Refit, bottom-up, the down_proj of each changed student layer (or of
+    ``layers``) on its real input in the compressed model, toward the teacher's
+    state after its span. ``stream``: a LayerStream over the compressed model
+    (its boundary 0, the embeddings, is all that is used). Returns the reports."""
+    import copy
+
+    sp = spans(provenance, n_original)
+    todo = set(changed_layers(provenance, n_original) if layers is None else layers)
+    reports = []
+    x = stream.boundary[0]
+    L = len(adapter.layers)
+    stack = list(adapter.layers)
+    for k, layer in enumerate(stack):
+        if k in todo:
+            layer = stack[k] = copy.deepcopy(layer)  # a kept layer may be the caller's own object: refit a copy
+            end = sp[k][1]
+            rep = refit_down(adapter, stream, layer, x, teacher[end], alphas=alphas, holdout=holdout,
+                             weighting=weighting, index=k, target_boundary=end)
+            reports.append(rep.as_dict())
+        if k + 1 < L:
+            with torch.inference_mode():
+                x = stream.forward_layer(layer, x)
+        if progress is not None:
+            progress("layers refit", k + 1, L)
+    adapter.set_layers(stack)
+    return reports

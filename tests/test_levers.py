@@ -1,0 +1,203 @@
+"""CoMe's quality levers on tiny random models, each against an independent computation:
+the merge with folded norms (come_fast.merge, norms="fold") and the closed-form
+compensation (come_fast.compensate)."""
+import copy
+
+import pytest
+import torch
+
+from come_fast.adapters import adapter_for
+from come_fast.calibration import LayerStream
+from come_fast.compensate import (CompensationError, NormalEquations, TeacherStates, changed_layers,
+                                  holdout_rows, refit_down, solve_ridge, spans)
+from come_fast.dispatch import Ops
+from come_fast.merge import Selection, concat_merge, query_heads
+from test_merge import attn, masked_copy
+from tiny import FAMILIES, tiny_model, tokens
+
+
+def _selection(a, kv_a, kv_b, mlp_a, mlp_b):
+    return Selection(kv_a, kv_b, mlp_a, mlp_b, query_heads(kv_a, a.num_kv_heads, a.group_size, "contiguous"),
+                     query_heads(kv_b, a.num_kv_heads, a.group_size, "contiguous"))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_folded_merge_is_sum_of_units_each_with_its_own_norm(family):
+    """On a shared raw input x: merged(x) = x + sum of the kept heads of both
+    layers, each layer's heads reading its OWN input norm, then the kept MLP
+    channels of both layers, each reading its own post-attention norm of that
+    sum. No averaged norm anywhere."""
+    model = tiny_model(family)
+    a = adapter_for(model)
+    la, lb = a.layers[1], a.layers[3]
+    if a.family.q_norm:  # per-head q/k norms cannot be folded (they act after the projection): equal them
+        with torch.no_grad():
+            lb.self_attn.q_norm.weight.copy_(la.self_attn.q_norm.weight)
+            lb.self_attn.k_norm.weight.copy_(la.self_attn.k_norm.weight)
+    Hkv, I, hd = a.num_kv_heads, a.intermediate_size, a.head_dim
+    kv_a, kv_b = ([2], [0, 1, 3]) if Hkv == a.num_heads else ([1], [0])
+    g = torch.Generator().manual_seed(3)
+    mlp_a = sorted(torch.randperm(I, generator=g)[:41].tolist())
+    mlp_b = sorted(torch.randperm(I, generator=g)[:I - 41].tolist())
+    sel = _selection(a, kv_a, kv_b, mlp_a, mlp_b)
+    r = 0.4
+    merged = concat_merge(a, la, lb, sel, r, Ops("torch"), norms="fold")
+    assert torch.equal(merged.input_layernorm.weight, torch.ones_like(la.input_layernorm.weight))
+    assert torch.equal(merged.post_attention_layernorm.weight, torch.ones_like(la.post_attention_layernorm.weight))
+    x = 3 * torch.randn(2, 11, a.config.hidden_size)
+    pos = torch.arange(11)[None]
+    with torch.no_grad():
+        h1 = x + attn(masked_copy(la, sel.q_heads_a, [], hd), la.input_layernorm(x), a.rotary) \
+               + attn(masked_copy(lb, sel.q_heads_b, [], hd), lb.input_layernorm(x), a.rotary)
+        if la.self_attn.o_proj.bias is not None:
+            h1 = h1 + r * la.self_attn.o_proj.bias + (1 - r) * lb.self_attn.o_proj.bias
+        want = h1 + masked_copy(la, [], mlp_a, hd).mlp(la.post_attention_layernorm(h1)) \
+                  + masked_copy(lb, [], mlp_b, hd).mlp(lb.post_attention_layernorm(h1))
+        got = merged(x, attention_mask=None, position_ids=pos, position_embeddings=a.rotary(x, pos))
+        got = got[0] if isinstance(got, tuple) else got
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_folded_merge_with_one_side_empty_is_that_layer(family):
+    """Split 1 (or 0): every unit from one layer. The merge IS that layer,
+    bit for bit: the deletion of the other is inside the split search."""
+    a = adapter_for(tiny_model(family))
+    la, lb = a.layers[2], a.layers[3]
+    Hkv, I = a.num_kv_heads, a.intermediate_size
+    for sel, src in ((_selection(a, list(range(Hkv)), [], list(range(I)), []), la),
+                     (_selection(a, [], list(range(Hkv)), [], list(range(I))), lb)):
+        merged = concat_merge(a, la, lb, sel, 1.0 if src is la else 0.0, Ops("torch"), norms="fold")
+        for (n1, p1), (n2, p2) in zip(src.state_dict().items(), merged.state_dict().items()):
+            assert n1 == n2 and torch.equal(p1, p2), n1
+
+
+def test_qwen3_qk_norms_weighted_by_kv_groups_contributed():
+    a = adapter_for(tiny_model("qwen3"))
+    la, lb = a.layers[0], a.layers[1]
+    sel = _selection(a, [0], [1], list(range(50)), list(range(46)))  # one KV group each
+    merged = concat_merge(a, la, lb, sel, 0.9, Ops("torch"), norms="fold")
+    want = 0.5 * la.self_attn.q_norm.weight + 0.5 * lb.self_attn.q_norm.weight
+    torch.testing.assert_close(merged.self_attn.q_norm.weight, want)
+    sel = _selection(a, [0, 1], [], list(range(50)), list(range(46)))  # all groups from layer a
+    merged = concat_merge(a, la, lb, sel, 0.5, Ops("torch"), norms="fold")
+    assert torch.equal(merged.self_attn.k_norm.weight, la.self_attn.k_norm.weight)
+
+
+def test_unknown_norm_mode_refused():
+    a = adapter_for(tiny_model("llama"))
+    with pytest.raises(ValueError, match="norms"):
+        concat_merge(a, a.layers[0], a.layers[1], _selection(a, [0], [1], [0], [1]), 0.5, Ops("torch"), norms="avg")
+
+
+# -- compensation ------------------------------------------------------------------------
+
+def test_spans_and_changed_layers():
+    assert spans([0, 1, 2, 3], 4) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    # layer 2 deleted: layer 1 stands for 1..2; merged [3, 4]; 6 and 7 deleted at the end
+    prov = [0, 1, [3, 4], 5]
+    assert spans(prov, 8) == [(0, 1), (1, 3), (3, 5), (5, 8)]
+    assert changed_layers(prov, 8) == [1, 2, 3]
+    assert changed_layers([[0, [1, 2]], 3], 4) == [0]
+    assert spans([1, 2], 3) == [(1, 2), (2, 3)]  # a leading gap: nothing before layer 1 to absorb it
+    with pytest.raises(CompensationError):
+        spans([2, 1], 3)
+
+
+def test_normal_equations_residual_and_ridge_solution():
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(300, 20, generator=g, dtype=torch.float64)
+    R = torch.randn(300, 7, generator=g, dtype=torch.float64)
+    W0t = torch.randn(20, 7, generator=g, dtype=torch.float64)
+    eq = NormalEquations.zeros(20, 7, "cpu")
+    eq.add(A[:100], R[:100])
+    eq.add(A[100:], R[100:])
+    assert eq.tokens == 300
+    Wt = torch.randn(20, 7, generator=g, dtype=torch.float64)
+    assert eq.residual(Wt) == pytest.approx(float((R - A @ Wt).pow(2).sum()), rel=1e-10)
+    lam = 0.7
+    sol, solver = solve_ridge(eq, W0t, lam)
+    assert solver == "cholesky"
+    # ridge toward W0: the least-squares solution of the stacked system [A; sqrt(lam) I] -> [R; sqrt(lam) W0]
+    stacked = torch.linalg.lstsq(torch.cat([A, lam ** 0.5 * torch.eye(20, dtype=torch.float64)]),
+                                 torch.cat([R, lam ** 0.5 * W0t])).solution
+    torch.testing.assert_close(sol, stacked)
+
+
+def test_holdout_rows_spread():
+    assert holdout_rows(32) == [3, 7, 11, 15, 19, 23, 27, 31]
+    assert holdout_rows(3) == []
+    assert holdout_rows(8, 0.5) == [1, 3, 5, 7]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_refit_reaches_the_least_squares_optimum(family):
+    """The refit down_proj minimises ||t - h1 - b - a W^T||^2 + lam ||W - W0||^2
+    over ALL rows for the ridge it reports: compare with torch.linalg.lstsq on
+    features gathered independently with forward hooks on the stock layer."""
+    model = tiny_model(family)
+    a = adapter_for(model)
+    ids = tokens(n=24, T=32)
+    stream = LayerStream(a, ids, batch_size=4)
+    x = stream.boundary[0]
+    layer = a.layers[0]
+    target = stream.forward_layer(a.layers[1], stream.forward_layer(layer, x))  # the next layer's output: a deletion
+    ref = copy.deepcopy(layer)
+    feats = {}
+    ref.mlp.down_proj.register_forward_hook(lambda m, i, o: feats.update(a=i[0], m=o))
+    with torch.no_grad():
+        y = ref(x, attention_mask=None, position_ids=stream.position_ids.expand(24, -1),
+                position_embeddings=a.rotary(x, stream.position_ids.expand(24, -1)))
+        y = y[0] if isinstance(y, tuple) else y
+    A = feats["a"].reshape(-1, feats["a"].shape[-1]).double()
+    R = (target - (y - feats["m"])).reshape(-1, x.shape[-1]).double()
+    if ref.mlp.down_proj.bias is not None:
+        R = R - ref.mlp.down_proj.bias.double()
+    rep = refit_down(a, stream, layer, x, target, alphas=(1e-2, 1e-1, 1.0), holdout=0.25)
+    assert rep.alpha is not None and rep.solver == "cholesky" and rep.tokens == 24 * 32
+    lam = rep.ridge
+    W0t = ref.mlp.down_proj.weight.detach().T.double()
+    n = A.shape[1]
+    best = torch.linalg.lstsq(torch.cat([A, lam ** 0.5 * torch.eye(n, dtype=torch.float64)]),
+                              torch.cat([R, lam ** 0.5 * W0t])).solution
+    torch.testing.assert_close(layer.mlp.down_proj.weight.detach().double(), best.T, rtol=1e-4, atol=1e-5)
+    job = float((target.double() - x.double()).pow(2).sum())
+    assert rep.residual_after == pytest.approx(float((R - A @ best).pow(2).sum()) / job, rel=1e-6)
+    assert rep.residual_before == pytest.approx(float((R - A @ W0t).pow(2).sum()) / job, rel=1e-6)
+    assert rep.residual_after < rep.residual_before
+
+
+def test_refit_keeps_the_weight_when_held_out_rows_say_so():
+    """A target the layer already meets exactly: every ridge only adds noise
+    on the held-out rows, so the weight is kept."""
+    a = adapter_for(tiny_model("llama"))
+    stream = LayerStream(a, tokens(n=8, T=16), batch_size=4)
+    x = stream.boundary[0]
+    layer = a.layers[0]
+    target = stream.forward_layer(layer, x)
+    w = layer.mlp.down_proj.weight.detach().clone()
+    rep = refit_down(a, stream, layer, x, target)
+    assert rep.alpha is None and torch.equal(layer.mlp.down_proj.weight, w)
+
+
+def test_refit_refuses_bad_ridges():
+    a = adapter_for(tiny_model("llama"))
+    stream = LayerStream(a, tokens(n=4, T=8), batch_size=2)
+    for bad in ((0.0,), (-1e-3,), (float("nan"),), ()):
+        with pytest.raises(CompensationError, match="ridge"):
+            refit_down(a, stream, a.layers[0], stream.boundary[0], stream.boundary[0], alphas=bad)
+
+
+def test_teacher_states_spill_to_disk_and_read_back():
+    a = adapter_for(tiny_model("llama"))
+    stream = LayerStream(a, tokens(n=4, T=8), batch_size=2)
+    full = TeacherStates.from_stream(stream)
+    one = stream.boundary[0].numel() * 4
+    small = TeacherStates.from_stream(stream, max_bytes=2 * one)
+    assert len(full) == len(small) == len(a.layers) + 1
+    assert len(small.mem) == 2 and len(small.files) == len(a.layers) - 1
+    for j in range(len(a.layers) + 1):
+        assert torch.equal(full[j], small[j])
+    folder = small._dir
+    small.close()
+    assert not folder.exists()
