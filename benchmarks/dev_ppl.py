@@ -30,6 +30,23 @@ def c4_dev_ids(tokenizer, data_dir: str, first_doc: int = 500) -> list[int]:
     return token_ids(tokenizer, text)
 
 
+def heldout_kl(model, dense) -> float:
+    """Mean KL(dense || model) per token on the calibration rows the refit holds out."""
+    from safetensors.torch import load_file
+    from come_fast.compensate import holdout_rows
+
+    ids = load_file(str(CALIB))["input_ids"]
+    rows = holdout_rows(ids.shape[0])
+    total = n = 0
+    with torch.inference_mode():
+        for r in rows:
+            lp = torch.log_softmax(dense(ids[r:r + 1]).logits.float(), -1)
+            lq = torch.log_softmax(model(ids[r:r + 1]).logits.float(), -1)
+            total += float((lp.exp() * (lp - lq)).sum())
+            n += lp.shape[1]
+    return total / n
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--method", default="come")
@@ -72,7 +89,8 @@ def main(argv=None) -> int:
     else:
         secs, prov, steps = 0.0, None, None
     ppl = perplexity_of_ids(model, ids, windows=args.windows)["ppl"]
-    out = {"method": args.method, "ratio": args.ratio, "options": opts, "c4_dev_ppl": ppl, "compress_s": secs,
+    calib_kl = heldout_kl(model, come_fast.load_model("smollm2-135m")[0])
+    out = {"method": args.method, "ratio": args.ratio, "options": opts, "c4_dev_ppl": ppl, "calib_heldout_kl": calib_kl, "compress_s": secs,
            "provenance": prov, "steps": steps, "snapshots": snaps}
     if args.generate:
         ids_in = tok("The capital of France is", return_tensors="pt").input_ids

@@ -122,7 +122,7 @@ def resolve_compensate(compensate, method: str, faithful: bool):
     """``compensate``: "ls" (closed-form refit, come_fast.compensate), None (off),
     or "auto": the method's own default (off everywhere for now)."""
     if compensate == "auto":
-        return "ls" if method == "come-x" else None
+        return "ls" if method == "come" and not faithful else None
     if compensate is not None and compensate not in COMPENSATE:
         raise ValueError(f"compensate must be one of {COMPENSATE}, None or 'auto', got {compensate!r}")
     if compensate and method in NO_PROVENANCE:
@@ -144,7 +144,7 @@ def _check_refit_data(tokens: torch.Tensor, adapter) -> None:
 
 
 def compress(model, ratio: float | None = None, method: str = "come", calib=None, target_layers: int | None = None, *,
-             tokenizer=None, faithful: bool = False, allow_repeat: bool = False, n_samples: int = 32,
+             tokenizer=None, faithful: bool = False, allow_repeat: bool | None = None, n_samples: int = 32,
              seq_len: int = 256, batch_size: int = 2, backend: str = "auto", rounding: str = "nearest",
              seed: int = 0, progress: bool | Any = False, on_step=None, distill_steps: int = 0, teacher=None,
              compensate="auto", **options) -> CompressionResult:
@@ -194,6 +194,8 @@ def compress(model, ratio: float | None = None, method: str = "come", calib=None
         n_remove = L - target_layers
     else:
         n_remove = removals_for_ratio(model, ratio, rounding)
+    if allow_repeat is None:  # CoMe's default mode merges merged layers again; the release (and CoMe-P) do not
+        allow_repeat = method == "come" and not faithful
     if method in ("come", "come-p") and not allow_repeat and n_remove > L // 2:
         raise RatioError(f"{n_remove} merges of {L} layers need a layer to merge twice; "
                          "pass allow_repeat=True or ask for less")

@@ -187,7 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--target-layers", type=int, help="number of decoder layers to keep")
     c.add_argument("--method", default="come")
     c.add_argument("--faithful", action="store_true", help="reproduce the authors' release, quirks included")
-    c.add_argument("--allow-repeat", action="store_true", help="let a merged layer merge again")
+    c.add_argument("--allow-repeat", action="store_true", default=None,
+                   help="let a merged layer merge again (the default of CoMe's default mode)")
+    c.add_argument("--no-repeat", dest="allow_repeat", action="store_false",
+                   help="a merged layer is not merged again (the release's --wo-repeat; faithful mode's default)")
     c.add_argument("--calib", default=None,
                    help="calibration: .safetensors (input_ids), .txt, .jsonl, a dataset name; default: sampled from the model")
     c.add_argument("--n-samples", type=int, default=32)

@@ -71,7 +71,7 @@ def calib_file(tmp_path_factory):
     from safetensors.torch import save_file
 
     p = tmp_path_factory.mktemp("calib") / "c.safetensors"
-    save_file({"input_ids": tokens()}, str(p))
+    save_file({"input_ids": tokens(n=8, T=32)}, str(p))  # enough rows for the default mode's refit
     return p
 
 

@@ -21,7 +21,7 @@ def calib_file(tmp_path_factory):
     from safetensors.torch import save_file
 
     p = tmp_path_factory.mktemp("calib") / "c.safetensors"
-    save_file({"input_ids": tokens()}, str(p))
+    save_file({"input_ids": tokens(n=8, T=32)}, str(p))  # enough rows for the default mode's refit
     return p
 
 
@@ -40,7 +40,8 @@ def test_compress_tiny_model(capsys, tiny_dir, calib_file, tmp_path):
     m = AutoModelForCausalLM.from_pretrained(tmp_path / "o")
     assert m.config.num_hidden_layers == 4
     meta = json.loads((tmp_path / "o" / "come_fast.json").read_text())
-    assert len(meta["report"]) == 2 and meta["layers_after"] == 4
+    assert sum("pair" in st for st in meta["report"]) == 2 and meta["layers_after"] == 4
+    assert "compensation" in meta["report"][-1]
     # an existing output folder is refused unless --overwrite
     code, out, err = run(capsys, "compress", "--model", tiny_dir, "--target-layers", 4, "--calib", calib_file,
                          "--out", tmp_path / "o", "--quiet")
@@ -87,7 +88,8 @@ def test_compress_with_distillation(capsys, tiny_dir, calib_file, tmp_path):
                          "--distill-steps", 3, "--distill-lr", 1e-3, "--out", tmp_path / "d", "--quiet")
     assert code == 0, err
     meta = json.loads((tmp_path / "d" / "come_fast.json").read_text())
-    assert len(meta["report"]) == 3 and meta["report"][-1]["distillation"]["steps"] == 3
+    assert [k for st in meta["report"] for k in ("compensation", "distillation") if k in st] == \
+        ["compensation", "distillation"] and meta["report"][-1]["distillation"]["steps"] == 3
     assert meta["settings"]["distill"]["lr"] == 1e-3
     code, _, err = run(capsys, "compress", "--model", tiny_dir, "--target-layers", 4, "--calib", calib_file,
                        "--distill-steps", -2, "--out", tmp_path / "e", "--quiet")

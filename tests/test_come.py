@@ -17,6 +17,11 @@ from come_fast.methods.come import NoMergeablePairError, blocked_pairs
 from come_fast.scoring import allocate, channel_scores, split_ratio, top_units
 from tiny import FAMILIES, tiny_model, tokens
 
+# the release's rules in the default mode (GQA grouping fixed, every lever off): what the
+# tests of D, BI and the split below check; the levers have their own tests (test_levers.py)
+RELEASE_RULES = {"norms": "mean", "split": "bi", "pair_select": "distance", "compensate": None,
+                 "allow_repeat": False}
+
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_stream_boundaries_equal_hf_hidden_states(family):
@@ -102,7 +107,7 @@ def test_come_pair_tokens_all_merges_the_argmin_of_the_all_token_distance():
     s = LayerStream(adapter_for(model), ids, batch_size=2)
     s.run(0)
     want = s.pair_distance("all")
-    res = come_fast.compress(model, target_layers=5, calib=ids, pair_tokens="all")
+    res = come_fast.compress(model, target_layers=5, calib=ids, pair_tokens="all", **RELEASE_RULES)
     st = res.report[0]
     assert st["pair_distance_sum"] == pytest.approx(want, rel=1e-6)
     assert st["pair"][0] == min(range(len(want)), key=want.__getitem__)
@@ -131,7 +136,7 @@ def test_incremental_rescoring_equals_a_fresh_pass(family):
     fresh full pass over the merged model."""
     model = tiny_model(family)
     ids = tokens()
-    res = come_fast.compress(model, target_layers=4, calib=ids, backend="torch")
+    res = come_fast.compress(model, target_layers=4, calib=ids, backend="torch", **RELEASE_RULES)
     assert res.layers_after == 4 and model.config.num_hidden_layers == 4
     # re-run the last step's decision function on a fresh stream: same scores
     fresh = LayerStream(adapter_for(model), ids, batch_size=2)
@@ -163,7 +168,7 @@ def _merged_like(model, step, a2):
 def test_decisions_follow_the_scores():
     model = tiny_model("llama")
     ids = tokens()
-    res = come_fast.compress(model, target_layers=4, calib=ids, backend="torch")
+    res = come_fast.compress(model, target_layers=4, calib=ids, backend="torch", **RELEASE_RULES)
     for st in res.report:
         d = [math.inf if i in st["blocked"] else v for i, v in enumerate(st["pair_distance_sum"])]
         assert st["pair"][0] == int(np.argmin(d))
@@ -178,9 +183,12 @@ def test_decisions_follow_the_scores():
 
 def test_repeat_protection_and_allow_repeat():
     ids = tokens()
+    rules = {**RELEASE_RULES, "allow_repeat": None}
     with pytest.raises(RatioError, match="allow_repeat"):
-        come_fast.compress(tiny_model("llama"), target_layers=2, calib=ids)
-    res = come_fast.compress(tiny_model("llama"), target_layers=2, calib=ids, allow_repeat=True)
+        come_fast.compress(tiny_model("llama"), target_layers=2, calib=ids, **{**rules, "allow_repeat": False})
+    with pytest.raises(RatioError, match="allow_repeat"):  # faithful mode: the release's --wo-repeat by default
+        come_fast.compress(tiny_model("llama"), target_layers=2, calib=ids, faithful=True)
+    res = come_fast.compress(tiny_model("llama"), target_layers=2, calib=ids, **{**rules, "allow_repeat": True})
     assert res.layers_after == 2
     flat = []
 
@@ -198,7 +206,8 @@ def test_no_mergeable_pair_is_an_error():
     from come_fast.methods import Context
 
     model = tiny_model("llama", num_hidden_layers=4)
-    ctx = Context(adapter_for(model), tokens(), Ops("torch"), options={"allow_repeat": False})
+    ctx = Context(adapter_for(model), tokens(), Ops("torch"),
+                  options={"allow_repeat": False, **{k: v for k, v in RELEASE_RULES.items() if k != "compensate"}})
     with pytest.raises(NoMergeablePairError):
         methods.get("come")(ctx, 3)
 
@@ -232,7 +241,7 @@ def test_ratio_to_layers_and_errors():
         removals_for_ratio(model, 0.99)
     with pytest.raises(RatioError, match="exactly one"):
         come_fast.compress(model, ratio=0.2, target_layers=3)
-    res = come_fast.compress(tiny_model("llama"), ratio=0.3, calib=tokens(), allow_repeat=True)
+    res = come_fast.compress(tiny_model("llama"), ratio=0.3, calib=tokens(), compensate=None)
     assert res.achieved_ratio == pytest.approx(k * per / total)
 
 
@@ -268,7 +277,8 @@ def test_calibration_inputs(tmp_path):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_save_reload_stock_transformers(family, tmp_path):
     model = tiny_model(family)
-    res = come_fast.compress(model, target_layers=4, calib=tokens())
+    res = come_fast.compress(model, target_layers=4, calib=tokens(n=8, T=32))  # the default mode, refit included
+    assert res.settings["compensate"]["mode"] == "ls"
     out = come_fast.save(res, tmp_path / "m")
     with pytest.raises(FileExistsError):
         come_fast.save(res, tmp_path / "m")
@@ -300,12 +310,12 @@ def test_embedded_default_calibration_is_sampled_cached_and_deterministic(tmp_pa
     assert float(p[a[:, 0]].min()) > 1e-6
 
 
-@pytest.mark.parametrize("method,opts", [("come", {}), ("come-p", {"grid_steps": 3})])
+@pytest.mark.parametrize("method,opts", [("come", {}), ("come", RELEASE_RULES), ("come-p", {"grid_steps": 3})])
 def test_progressive_snapshots_equal_shorter_runs(method, opts):
     """CoMe and CoMe-P are progressive: the state after k steps of a longer run
     is the result of a k-step run (what on_step snapshots, and the sweep's
     one-run-for-all-ratios, rely on)."""
-    ids = tokens()
+    ids = tokens(n=8, T=32)
     saved = {}
 
     def keep(partial):

@@ -124,10 +124,11 @@ def test_normal_equations_residual_and_ridge_solution():
     torch.testing.assert_close(sol, stacked)
 
 
-def test_holdout_rows_spread():
-    assert holdout_rows(32) == [3, 7, 11, 15, 19, 23, 27, 31]
+def test_holdout_rows_are_the_last_block():
+    assert holdout_rows(32) == list(range(24, 32))
     assert holdout_rows(3) == []
-    assert holdout_rows(8, 0.5) == [1, 3, 5, 7]
+    assert holdout_rows(6) == [4, 5]
+    assert holdout_rows(8, 0.5) == [4, 5, 6, 7]
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])

@@ -1,11 +1,35 @@
 """CoMe: progressive concatenation-based layer merging (arXiv 2510.15304).
 
-One step (come-algorithm.md): scores on the current model, pick the adjacent
-pair with the smallest last-token angular distance between its input and its
-output (repeat protection: a merged layer is not merged again), split the width
-by block influence (CoMe) or by a grid search on calibration loss (CoMe-P),
-take each layer's top units, concatenate. Only the merged layer and those above
-it are re-scored for the next step: the stream keeps the boundaries below.
+One step (come-algorithm.md): scores on the current model, pick an adjacent
+pair, split its width between the two layers, take each layer's top units
+(channel sensitivity), concatenate into one layer of the original width. Only
+the merged layer and those above it are re-scored for the next step: the
+stream keeps the boundaries below.
+
+The release (``faithful=True``) picks the pair with the smallest last-token
+angular distance D between its input and output, splits by block influence
+(BI), averages the two norms, never merges a merged layer again and tiles the
+GQA heads wrongly. CoMe-P (``method="come-p"``) grid-searches the split on
+calibration LM loss. The default mode keeps the release's scores and unit
+selection and changes four things, each an option (the README's ablations):
+
+- ``norms="fold"``: each source layer's norm weights folded into its own kept
+  rows, unit norms in the merged layer (come_fast.merge); "mean": the release.
+- ``split="search"``: the split r tried over ``split_grid`` (0, 1/4, ..., 1;
+  the ends are the deletion of one layer, so deletion is inside the search),
+  each candidate refit by the closed-form compensation when it is on, and the
+  one whose model is closest to the original (KL of the next-token
+  distributions on the held-out calibration rows) kept; "bi": the release.
+- ``pair_select``: which pairs are candidates. "bi": the pairs on either side
+  of the ``pair_candidates`` layers of lowest block influence (absorbing such
+  a layer is what ShortGPT deletes; the search decides how much of it stays);
+  "distance": the ``pair_candidates`` pairs of smallest D (1: the release).
+- repeats allowed (``allow_repeat``), so that a merged layer can absorb its
+  neighbour again and a block of layers can fold into one.
+
+``compress(..., compensate="ls")``, the default for CoMe's default mode, adds
+the closed-form refit (come_fast.compensate) inside the search and once more
+over the final model.
 """
 from __future__ import annotations
 
@@ -19,7 +43,7 @@ import torch.nn.functional as F
 from ..calibration import LayerStream
 from ..merge import Selection, concat_merge, merge_provenance, query_heads, replace_pair
 from ..scoring import allocate, channel_scores, split_ratio, top_units
-from . import Context, Outcome, Validator, number, one_of, positive_int, register
+from . import Context, Outcome, Validator, boolean, number, one_of, positive_int, register
 
 
 class NoMergeablePairError(ValueError):
@@ -53,27 +77,96 @@ def _select(ctx: Context, stream: LayerStream, idx: int, ratio: tuple[float, flo
     return sel, nkv, nmlp, scores
 
 
-def _come(ctx: Context, n_remove: int, grid: bool) -> Outcome:
+# the release's choices: what faithful mode runs, and the baseline of the default mode's ablations
+RELEASE = {"norms": "mean", "split": "bi", "pair_select": "distance", "pair_candidates": 1}
+DEFAULTS = {"norms": "fold", "split": "search", "pair_select": "bi", "pair_candidates": 1,
+            "split_grid": (0.0, 0.25, 0.5, 0.75, 1.0), "search_refit": True}
+
+
+def _kl_to_teacher(a, x: torch.Tensor, teacher_lp: list, bs: int) -> float:
+    """Mean over tokens of KL(teacher || student) from last hidden states ``x``."""
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for k, i in enumerate(range(0, x.shape[0], bs)):
+            lq = F.log_softmax(a.lm_head(a.final_norm(x[i:i + bs])).float(), -1)
+            lp = teacher_lp[k]
+            total += float((lp.exp() * (lp - lq)).sum())
+            count += lq.shape[0] * lq.shape[1]
+    return total / count
+
+
+class _Judge:
+    """How a candidate merge is scored: CoMe-P's calibration LM loss on all
+    rows (``split="grid"``), else KL to the original model's next-token
+    distributions on the held-out calibration rows (those the refit does not fit)."""
+
+    def __init__(self, ctx: Context, stream: LayerStream, lm_loss: bool):
+        from ..compensate import holdout_rows
+
+        a = ctx.adapter
+        self.a, self.stream, self.bs, self.lm = a, stream, ctx.batch_size, lm_loss
+        if lm_loss:
+            return
+        n = ctx.tokens.shape[0]
+        rows = ctx.options.get("score_rows")
+        self.rows = holdout_rows(n) or list(range(n)) if rows is None else list(range(min(int(rows), n)))
+        with torch.inference_mode():  # the stream was just run on the original model
+            h = stream.output()[self.rows]
+            self.teacher_lp = [F.log_softmax(a.lm_head(h[i:i + self.bs]).float(), -1)
+                               for i in range(0, len(self.rows), self.bs)]
+
+    def __call__(self, start: int, layers: list) -> float:
+        if self.lm:
+            return self.stream.loss_with(start, layers)
+        x = self.stream.input_of(start)[self.rows]
+        for layer in layers:
+            x = self.stream.forward_layer(layer, x)
+        return _kl_to_teacher(self.a, x, self.teacher_lp, self.bs)
+
+
+def _hashes(layer) -> dict:
+    """SHA-256 of each tensor's bytes, for any dtype (numpy has no bfloat16: view the bytes instead)."""
+    return {k: hashlib.sha256(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+            for k, v in layer.state_dict().items()}
+
+
+def settings_of(opts: dict, method: str) -> dict:
+    """The four levers' settings of a run: the release's in faithful mode, the
+    default mode's otherwise, each overridden by an explicit option."""
+    if opts.get("faithful"):
+        return dict(RELEASE)
+    base = dict(DEFAULTS) if method == "come" else {**RELEASE, "split": "grid"}
+    return {**base, **{k: opts[k] for k in (*DEFAULTS, "pair_candidates") if opts.get(k) is not None}}
+
+
+def _come(ctx: Context, n_remove: int, method: str) -> Outcome:
+    from ..compensate import refit_down, spans
+
     opts = ctx.options
     faithful = bool(opts.get("faithful", False))
+    lever = settings_of(opts, method)
+    norms, split, pair_select, k_pairs = lever["norms"], lever["split"], lever["pair_select"], lever["pair_candidates"]
     allow_repeat = bool(opts.get("allow_repeat", False))
     grid_steps = int(opts.get("grid_steps", 20))
+    splits = {"search": tuple(lever.get("split_grid", DEFAULTS["split_grid"])),
+              "grid": tuple(i / grid_steps for i in range(grid_steps + 1))}.get(split)
     grouping = "tiled" if faithful else "contiguous"
     # Two more release choices, kept by default, switchable to measure them: the last
     # layer's BI and pair distance on the final-normed hidden state, and the pair
     # distance on the last token only.
-    last_normed = {"final_norm": True, "raw": False}.get(opts.get("last_boundary", "final_norm"))
+    last_normed = {"final_norm": True, "raw": False}[opts.get("last_boundary", "final_norm")]
     pair_tokens = opts.get("pair_tokens", "last")
-    if last_normed is None or pair_tokens not in ("last", "all"):
-        raise ValueError("come: last_boundary must be 'final_norm' or 'raw' and pair_tokens 'last' or 'all', got "
-                         f"{opts.get('last_boundary')!r}, {pair_tokens!r}")
     if faithful and (not last_normed or pair_tokens != "last"):
         raise ValueError("faithful mode keeps the release's last_boundary='final_norm' and pair_tokens='last'")
+    if faithful and any(opts.get(k) is not None for k in DEFAULTS):
+        raise ValueError(f"faithful mode reproduces the release: the options {', '.join(DEFAULTS)} do not apply")
     if pair_tokens == "all" and opts.get("max_cache_bytes") is not None:
         raise ValueError("pair_tokens='all' needs every layer boundary cached: drop max_cache_bytes")
     a = ctx.adapter
-    prov: list = list(range(len(a.layers)))
+    L0 = len(a.layers)
+    prov: list = list(range(L0))
     steps = []
+    teacher = ctx.teacher if opts.get("search_refit", True) else None  # compensate="ls": refit every candidate
 
     def progress(l):
         if ctx.progress:
@@ -82,35 +175,58 @@ def _come(ctx: Context, n_remove: int, grid: bool) -> Outcome:
     stream = LayerStream(a, ctx.tokens, ctx.batch_size, ctx.ops, final_norm_last=last_normed, progress=progress,
                          max_cache_bytes=opts.get("max_cache_bytes"))
     stream.run(0)
+    judge = _Judge(ctx, stream, lm_loss=split == "grid") if (splits or k_pairs > 1 or pair_select == "bi") else None
     for step in range(n_remove):
         t0 = time.perf_counter()
         L = len(a.layers)
         bi = [st.bi_sum for st in stream.stats]
         dist = stream.pair_distance(pair_tokens)
         blocked = set() if allow_repeat else blocked_pairs(prov)
-        masked = [math.inf if i in blocked else d for i, d in enumerate(dist)]
-        if all(math.isinf(d) for d in masked):
+        if pair_select == "bi":
+            pairs, used = [], 0
+            for j in sorted(range(L), key=lambda j: (bi[j], j)):  # the k lowest-BI layers with a free pair
+                ps = [p for p in (j - 1, j) if 0 <= p < L - 1 and p not in blocked]
+                pairs += [p for p in ps if p not in pairs]
+                used += bool(ps)
+                if used == k_pairs:
+                    break
+        else:
+            order = sorted((d, i) for i, d in enumerate(dist) if i not in blocked)
+            pairs = [i for _, i in order[:k_pairs]]
+        if not pairs:
             raise NoMergeablePairError(
                 f"step {step + 1}: every adjacent pair touches an already merged layer; "
                 "ask for fewer removals or pass allow_repeat=True"
             )
-        idx = masked.index(min(masked))
-        ratio = split_ratio(bi[idx], bi[idx + 1])
-        grid_losses = None
-        if grid:
-            grid_losses = {}
-            best = None
-            for i in range(grid_steps + 1):
-                r = i / grid_steps
-                sel, *_ = _select(ctx, stream, idx, (r, 1 - r), grouping)
-                cand = concat_merge(a, a.layers[idx], a.layers[idx + 1], sel, r, ctx.ops)
-                loss = stream.loss_with(idx, [cand] + list(a.layers[idx + 2:]))
-                grid_losses[r] = loss
-                if best is None or loss < best[0]:
-                    best = (loss, r)
-            ratio = (best[1], 1 - best[1])
-        sel, nkv, nmlp, scores = _select(ctx, stream, idx, ratio, grouping)
-        merged = concat_merge(a, a.layers[idx], a.layers[idx + 1], sel, ratio[0], ctx.ops)
+        cands = []
+        for idx in pairs:
+            rs = splits if splits else (split_ratio(bi[idx], bi[idx + 1])[0],)
+            x_in = stream.input_of(idx) if teacher is not None else None
+            end = spans(merge_provenance(prov, idx), L0)[idx][1] if teacher is not None else None
+            seen = set()
+            for r in rs:
+                ratio = (r, 1 - r) if splits else split_ratio(bi[idx], bi[idx + 1])
+                sel, nkv, nmlp, scores = _select(ctx, stream, idx, ratio, grouping)
+                key = (tuple(sel.kv_a), tuple(sel.kv_b), tuple(sel.mlp_a), tuple(sel.mlp_b))
+                if key in seen:  # coarse KV groups: another split gave exactly these units
+                    continue
+                seen.add(key)
+                cand = concat_merge(a, a.layers[idx], a.layers[idx + 1], sel, ratio[0], ctx.ops, norms=norms)
+                c = {"pair": idx, "r": ratio[0], "ratio": ratio, "kv_counts": list(nkv), "mlp_counts": list(nmlp),
+                     "_layer": cand, "_sel": sel, "_scores": scores}
+                if teacher is not None:
+                    c["refit"] = refit_down(a, stream, cand, x_in, teacher[end], index=idx, target_boundary=end,
+                                            weighting=opts.get("ls_weighting", "none")).as_dict()
+                cands.append(c)
+        if len(cands) > 1:
+            for n, c in enumerate(cands):
+                c["loss"] = judge(c["pair"], [c["_layer"]] + list(a.layers[c["pair"] + 2:]))
+                if ctx.progress:
+                    ctx.progress("candidates", n + 1, len(cands))
+            best = min(cands, key=lambda c: (c["loss"], c["pair"], -c["r"]))
+        else:
+            best = cands[0]
+        idx, merged, sel = best["pair"], best["_layer"], best["_sel"]
         pair_orig = [prov[idx], prov[idx + 1]]
         replace_pair(a, idx, merged)
         prov = merge_provenance(prov, idx)
@@ -118,11 +234,15 @@ def _come(ctx: Context, n_remove: int, grid: bool) -> Outcome:
         rec = {
             "merged_sha256": _hashes(merged),
             "step": step, "layers_before": L, "pair": [idx, idx + 1], "pair_original": pair_orig,
-            "ratio": list(ratio), "kv_counts": list(nkv), "mlp_counts": list(nmlp),
+            "ratio": list(best["ratio"]), "kv_counts": best["kv_counts"], "mlp_counts": best["mlp_counts"],
             "kv_a": sel.kv_a, "kv_b": sel.kv_b, "q_heads_a": sel.q_heads_a, "q_heads_b": sel.q_heads_b,
             "mlp_a": sel.mlp_a, "mlp_b": sel.mlp_b,
             "bi_sum": bi, "pair_distance_sum": dist, "blocked": sorted(blocked),
-            "att_scores": scores, "grid_losses": grid_losses, "provenance": prov,
+            "att_scores": best["_scores"], "provenance": prov,
+            "grid_losses": {c["r"]: c["loss"] for c in cands} if split == "grid" else None,
+            "candidates": [{k: v for k, v in c.items() if not k.startswith("_") and k != "ratio"}
+                           for c in cands] if len(cands) > 1 else None,
+            "refit": best.get("refit"),
         }
         rec["seconds"] = time.perf_counter() - t0
         steps.append(rec)
@@ -136,168 +256,27 @@ def _come(ctx: Context, n_remove: int, grid: bool) -> Outcome:
             ctx.progress("merges", step + 1, n_remove)
     settings = {"faithful": faithful, "allow_repeat": allow_repeat, "grouping": grouping,
                 "last_boundary": "final_norm" if last_normed else "raw", "pair_tokens": pair_tokens,
-                "split": "grid" if grid else "bi", "grid_steps": grid_steps if grid else None,
+                "norms": norms, "split": split, "split_grid": list(splits) if split == "search" else None,
+                "grid_steps": grid_steps if split == "grid" else None, "pair_select": pair_select,
+                "pair_candidates": k_pairs, "refit_in_search": teacher is not None,
+                "judged_on_rows": None if judge is None or judge.lm else judge.rows,
                 "layers_run": stream.layers_run}
     return Outcome(provenance=prov, steps=steps, settings=settings)
-
-
-@register("come", options={"last_boundary": one_of("final_norm", "raw"), "pair_tokens": one_of("last", "all")})
-def come(ctx: Context, n_remove: int) -> Outcome:
-    return _come(ctx, n_remove, grid=False)
-
-
-@register("come-p", options={"last_boundary": one_of("final_norm", "raw"), "pair_tokens": one_of("last", "all"),
-                             "grid_steps": positive_int})
-def come_p(ctx: Context, n_remove: int) -> Outcome:
-    return _come(ctx, n_remove, grid=True)
-
-
-# -- CoMe with the levers: folded norms, a split search that contains deletion, loss-aware pairs,
-# -- closed-form compensation inside the search ------------------------------------------------
-
-def _kl_to_teacher(a, x: torch.Tensor, teacher_lp: list, bs: int) -> float:
-    """Mean over tokens of KL(teacher || student) from final hidden states ``x``."""
-    total, count = 0.0, 0
-    with torch.inference_mode():
-        for k, i in enumerate(range(0, x.shape[0], bs)):
-            lq = F.log_softmax(a.lm_head(a.final_norm(x[i:i + bs])).float(), -1)
-            lp = teacher_lp[k]
-            total += float((lp.exp() * (lp - lq)).sum())
-            count += lq.shape[0] * lq.shape[1]
-    return total / count
-
-
-def _lm_loss(a, x: torch.Tensor, tokens: torch.Tensor, bs: int) -> float:
-    total, count = 0.0, 0
-    with torch.inference_mode():
-        for i in range(0, x.shape[0], bs):
-            logits = a.lm_head(a.final_norm(x[i:i + bs][:, :-1])).float()
-            tgt = tokens[i:i + bs, 1:].to(logits.device)
-            total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="sum"))
-            count += tgt.numel()
-    return total / count
-
-
-def _come_search(ctx: Context, n_remove: int) -> Outcome:
-    from ..compensate import refit_down, spans
-
-    opts = ctx.options
-    a = ctx.adapter
-    L0 = len(a.layers)
-    norms = opts.get("norms", "fold")
-    grid = opts.get("split_grid", (0.0, 0.25, 0.5, 0.75, 1.0))
-    k_pairs = opts.get("pair_candidates", 6)
-    search_loss = opts.get("search_loss", "kl")
-    from ..compensate import holdout_rows
-
-    # candidates are judged on the rows the refit holds out (its ridge choice aside, it never fits them)
-    rows = holdout_rows(ctx.tokens.shape[0]) if opts.get("score_rows") is None else list(range(int(opts["score_rows"])))
-    teacher = ctx.teacher  # set when compress(..., compensate="ls"): candidates are refit inside the search
-    allow_repeat = bool(opts.get("allow_repeat", True))
-    prov: list = list(range(L0))
-    steps = []
-
-    def progress(l):
-        if ctx.progress:
-            ctx.progress("layers scored", l + 1, len(a.layers))
-
-    stream = LayerStream(a, ctx.tokens, ctx.batch_size, ctx.ops, final_norm_last=True, progress=progress,
-                         max_cache_bytes=opts.get("max_cache_bytes"))
-    stream.run(0)
-    score_tokens = ctx.tokens[rows]
-    teacher_lp = None
-    if search_loss == "kl":
-        with torch.inference_mode():
-            # the original model's final-normed last hidden state on the score rows
-            hL = a.final_norm(teacher[L0][rows]) if teacher is not None else stream.output()[rows]
-            teacher_lp = [F.log_softmax(a.lm_head(hL[i:i + ctx.batch_size]).float(), -1)
-                          for i in range(0, len(rows), ctx.batch_size)]
-
-    def loss_of(start: int, layers: list) -> float:
-        x = stream.input_of(start)[rows]
-        with torch.inference_mode():
-            for layer in layers:
-                x = stream.forward_layer(layer, x)
-        if search_loss == "kl":
-            return _kl_to_teacher(a, x, teacher_lp, ctx.batch_size)
-        return _lm_loss(a, x, score_tokens, ctx.batch_size)
-
-    for step in range(n_remove):
-        t0 = time.perf_counter()
-        L = len(a.layers)
-        bi = [st.bi_sum for st in stream.stats]
-        dist = stream.pair_distance(opts.get("pair_tokens", "last"))
-        blocked = set() if allow_repeat else blocked_pairs(prov)
-        order = sorted((d, i) for i, d in enumerate(dist) if i not in blocked)
-        if not order:
-            raise NoMergeablePairError(f"step {step + 1}: every adjacent pair touches an already merged layer; "
-                                       "ask for fewer removals or pass allow_repeat=True")
-        pairs = [i for _, i in order[:k_pairs]] if k_pairs else [i for _, i in order]
-        cands = []
-        for idx in pairs:
-            x_in = stream.input_of(idx)
-            new_prov = merge_provenance(prov, idx)
-            end = spans(new_prov, L0)[idx][1]
-            seen_layers = {}
-            for r in grid:
-                sel, nkv, nmlp, _ = _select(ctx, stream, idx, (r, 1 - r), "contiguous")
-                key = (tuple(sel.kv_a), tuple(sel.kv_b), tuple(sel.mlp_a), tuple(sel.mlp_b))
-                if key in seen_layers:  # the same units as another split (coarse KV groups): same layer
-                    continue
-                cand = concat_merge(a, a.layers[idx], a.layers[idx + 1], sel, r, ctx.ops, norms=norms)
-                refit = None
-                if teacher is not None:
-                    refit = refit_down(a, stream, cand, x_in, teacher[end], index=idx, target_boundary=end,
-                                       weighting=opts.get("ls_weighting", "none")).as_dict()
-                loss = loss_of(idx, [cand] + list(a.layers[idx + 2:]))
-                seen_layers[key] = True
-                cands.append({"pair": idx, "r": r, "loss": loss, "kv_counts": list(nkv), "mlp_counts": list(nmlp),
-                              "refit": refit, "_layer": cand, "_sel": sel})
-                if ctx.progress:
-                    ctx.progress("candidates", len(cands), len(pairs) * len(grid))
-        best = min(cands, key=lambda c: (c["loss"], c["pair"], -c["r"]))
-        idx, merged, sel = best["pair"], best["_layer"], best["_sel"]
-        pair_orig = [prov[idx], prov[idx + 1]]
-        replace_pair(a, idx, merged)
-        prov = merge_provenance(prov, idx)
-        stream.merged(idx)
-        rec = {
-            "merged_sha256": _hashes(merged),
-            "step": step, "layers_before": L, "pair": [idx, idx + 1], "pair_original": pair_orig,
-            "ratio": [best["r"], 1 - best["r"]], "kv_counts": best["kv_counts"], "mlp_counts": best["mlp_counts"],
-            "kv_a": sel.kv_a, "kv_b": sel.kv_b, "q_heads_a": sel.q_heads_a, "q_heads_b": sel.q_heads_b,
-            "mlp_a": sel.mlp_a, "mlp_b": sel.mlp_b, "bi_sum": bi, "pair_distance_sum": dist,
-            "candidates": [{k: v for k, v in c.items() if not k.startswith("_")} for c in cands],
-            "loss": best["loss"], "refit": best["refit"], "provenance": prov,
-        }
-        steps.append(rec)
-        if step + 1 < n_remove:
-            stream.run(idx)
-        rec["seconds"] = time.perf_counter() - t0
-        if ctx.on_step:
-            ctx.on_step(prov, steps)
-        if ctx.progress:
-            ctx.progress("merges", step + 1, n_remove)
-    settings = {"faithful": False, "allow_repeat": allow_repeat, "grouping": "contiguous", "norms": norms,
-                "split": "search", "split_grid": list(grid), "pair_select": "loss", "pair_candidates": k_pairs,
-                "search_loss": search_loss, "score_rows": rows, "refit_in_search": teacher is not None,
-                "layers_run": stream.layers_run}
-    return Outcome(provenance=prov, steps=steps, settings=settings)
-
-
-def _hashes(layer) -> dict:
-    """SHA-256 of each tensor's bytes, for any dtype (numpy has no bfloat16: view the bytes instead)."""
-    return {k: hashlib.sha256(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
-            for k, v in layer.state_dict().items()}
 
 
 _SPLIT = number(0, 1)
 SPLIT_GRID = Validator(lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(_SPLIT(x) for x in v),
                        "a non-empty list of splits in [0, 1]")
+_COMMON = {"last_boundary": one_of("final_norm", "raw"), "pair_tokens": one_of("last", "all"),
+           "norms": one_of("mean", "fold"), "pair_select": one_of("distance", "bi"),
+           "pair_candidates": positive_int, "score_rows": positive_int, "search_refit": boolean}
 
 
-@register("come-x", options={"norms": one_of("mean", "fold"), "split_grid": SPLIT_GRID,
-                             "pair_candidates": positive_int, "search_loss": one_of("kl", "lm"),
-                             "score_rows": positive_int, "pair_tokens": one_of("last", "all")})
-def come_x(ctx: Context, n_remove: int) -> Outcome:
-    return _come_search(ctx, n_remove)
+@register("come", options={**_COMMON, "split": one_of("search", "bi"), "split_grid": SPLIT_GRID})
+def come(ctx: Context, n_remove: int) -> Outcome:
+    return _come(ctx, n_remove, "come")
+
+
+@register("come-p", options={**_COMMON, "grid_steps": positive_int})
+def come_p(ctx: Context, n_remove: int) -> Outcome:
+    return _come(ctx, n_remove, "come-p")
