@@ -28,19 +28,36 @@ import time
 from pathlib import Path
 from typing import Optional
 
+# CoMe's default mode with every lever off: the release's rules with only the GQA grouping
+# fixed (come_fast's default before the levers; its cells were "come")
+LEGACY = {"norms": "mean", "split": "bi", "pair_select": "distance", "allow_repeat": False, "compensate": None}
+# Whole-layer methods: each also runs with the closed-form compensation ("<method>+ls")
+LS_METHODS = ("magnitude+", "shortgpt", "replaceme", "reverse", "reverse-recover", "taylor+", "laco", "slm",
+              "streamline", "ppl", "come-p", "sleb")
 # The sweep's methods in roughly increasing cost; "all" runs them in this order.
 ALL_METHODS = ("magnitude+", "shortgpt", "replaceme", "reverse", "reverse-recover", "taylor+", "laco", "slm",
-               "streamline", "ppl", "come", "come-p", "come-faithful", "sleb", "finercut")
+               "streamline", "ppl", "come-legacy", "come-p", "come-faithful", "sleb", "finercut",
+               *(m + "+ls" for m in LS_METHODS),
+               "come-legacy+fold", "come-legacy+ls", "come-legacy+search", "come")
 # Named variants: a registered method with fixed options. "<method>+distill" (the
 # method, then 100 steps of hierarchical distillation from the original along the
 # provenance) is not in "all": post-training is not part of the no-training
 # comparison, and it costs as much again as the compression. ShortGPT + distill is
 # the fair comparison for CoMe + distill (same training, layers deleted, not merged).
 VARIANTS = {"come-faithful": ("come", {"faithful": True}), "reverse-recover": ("reverse", {"recover": True}),
-            "come+distill": ("come", {"distill_steps": 100}), "shortgpt+distill": ("shortgpt", {"distill_steps": 100}),
+            "come-legacy": ("come", LEGACY),
+            # CoMe's levers one at a time on top of the legacy rules (README: the ablation)
+            "come-legacy+fold": ("come", {**LEGACY, "norms": "fold"}),
+            "come-legacy+ls": ("come", {**LEGACY, "compensate": "ls"}),
+            "come-legacy+search": ("come", {**LEGACY, "split": "search", "pair_select": "bi", "allow_repeat": True}),
+            "come-legacy+distill": ("come", {**LEGACY, "distill_steps": 100}),
+            "shortgpt+distill": ("shortgpt", {"distill_steps": 100}),
             "come-p+distill": ("come-p", {"distill_steps": 100}), "sleb+distill": ("sleb", {"distill_steps": 100}),
-            # ablations of the two release choices the default keeps (see README, "Faithful mode and the default")
-            "come-all-tokens": ("come", {"pair_tokens": "all"}), "come-raw-last": ("come", {"last_boundary": "raw"})}
+            # ablations of the two release choices the legacy rules keep (see README, "Faithful mode and the default")
+            "come-all-tokens": ("come", {**LEGACY, "pair_tokens": "all"}),
+            "come-raw-last": ("come", {**LEGACY, "last_boundary": "raw"})}
+VARIANTS.update({m + "+ls": (VARIANTS.get(m, (m, {}))[0], {**VARIANTS.get(m, (m, {}))[1], "compensate": "ls"})
+                 for m in LS_METHODS})
 ABLATIONS = ("come-all-tokens", "come-raw-last")  # in the tables, not in the plot (lines on top of CoMe's)
 # Methods that re-run the model once per candidate (or backpropagate) score on
 # the first calibration rows only, to fit a CPU budget; recorded per cell.
@@ -400,6 +417,7 @@ class Sweep:
         _atomic_text(to_markdown(recs, self), self.out / "quality.md")
         try:
             plot(recs, self.out / "quality.png", self.zero_shot)
+            plot(recs, self.out / "quality_focus.png", self.zero_shot, only=FOCUS, acc_tasks=list(SIGNAL_TASKS))
         except Exception as e:  # a missing matplotlib must not lose the tables
             print(f"plot skipped: {e.__class__.__name__}: {e}")
         return recs
@@ -571,13 +589,29 @@ def to_markdown(recs: list[dict], sweep: Optional[Sweep] = None) -> str:
 # Perplexities above this are drawn as triangles on the top edge: a destroyed
 # model (10^9) would otherwise squash every usable line into the bottom tenth.
 PPL_CEILING = 1e4
-TRAINED = "+distill"
+# a variant "<method><suffix>" is drawn in its method's colour and marker, with its own line style
+VARIANT_STYLES = {"+ls": "--", "+distill": ":", "+fold": "-.", "+search": (0, (3, 1, 1, 1, 1, 1))}
+# the plot the README shows: CoMe, its ablations and the strongest baselines, each with and without compensation
+FOCUS = ("come", "come-legacy", "come-legacy+fold", "come-legacy+ls", "come-legacy+search", "shortgpt",
+         "shortgpt+ls", "sleb", "sleb+ls", "replaceme", "replaceme+ls")
 
 
-def plot(recs: list[dict], path: Path, tasks: list[str]) -> None:
+def _variant_of(m: str, methods: list[str]) -> Optional[tuple[str, str]]:
+    for suffix in VARIANT_STYLES:
+        if m.endswith(suffix) and m[:-len(suffix)] in methods:
+            return m[:-len(suffix)], suffix
+    return None
+
+
+def plot(recs: list[dict], path: Path, tasks: list[str], only: Optional[tuple] = None,
+         acc_tasks: Optional[list[str]] = None) -> None:
     """Average accuracy and perplexity against the parameters removed, one line
     per method starting from the dense model; one colour and marker per method
-    in both panels, one legend below them."""
+    in both panels, one legend below them. ``only``: these methods alone (in
+    that order); ``acc_tasks``: the tasks averaged in the accuracy panel."""
+    if only is not None:
+        recs = [r for r in recs if r["method"] == DENSE or r["method"] in only]
+    tasks = acc_tasks or tasks
     import matplotlib
 
     matplotlib.use("Agg")
@@ -586,6 +620,8 @@ def plot(recs: list[dict], path: Path, tasks: list[str]) -> None:
     dense = next((r for r in recs if r["method"] == DENSE), None)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5.6))
     methods = [m for m in dict.fromkeys(r["method"] for r in recs) if m != DENSE and m not in ABLATIONS]
+    if only is not None:
+        methods = [m for m in only if m in methods]
     colours = plt.get_cmap("tab20").colors
     markers = "osD^vP*Xh<>p8d"
     d_acc = _avg(dense, tasks) if dense is not None else None
@@ -593,13 +629,25 @@ def plot(recs: list[dict], path: Path, tasks: list[str]) -> None:
     if dense is not None:
         top = max(PPL_CEILING, 10 * dense["ppl"])
     clipped = False
-    # a trained variant ("<method>+distill") is drawn dashed in its method's colour and marker
-    own = [m for m in methods if not (m.endswith(TRAINED) and m[:-len(TRAINED)] in methods)]
-    methods = [v for m in own for v in (m, m + TRAINED) if v in methods]  # a variant right after its method
+    variant = {m: _variant_of(m, methods) for m in methods}
+    own = [m for m in methods if variant[m] is None]
+    # a variant right after its method (variants of variants: after theirs)
+    order = []
+    for m in own:
+        stack = [m]
+        while stack:
+            x = stack.pop(0)
+            order.append(x)
+            stack = [v for v in methods if variant[v] and variant[v][0] == x] + stack
+    methods = order
     for m in methods:
-        k = own.index(m[:-len(TRAINED)] if m not in own else m)
+        root, ls = m, "-"
+        while variant.get(root):
+            root, suffix = variant[root]
+            ls = VARIANT_STYLES[suffix] if ls == "-" else ls
+        k = own.index(root)
         style = dict(color=colours[(2 * k) % 20 if k < 10 else (2 * k + 1) % 20], marker=markers[k % len(markers)],
-                     ms=5, lw=1.4, ls="-" if m in own else "--")
+                     ms=5, lw=1.4, ls=ls)
         rs = sorted((r for r in recs if r["method"] == m), key=lambda r: r["achieved_ratio"])
         acc = [(100 * r["achieved_ratio"], 100 * _avg(r, tasks)) for r in rs if _avg(r, tasks) is not None]
         if acc and d_acc is not None:
@@ -624,7 +672,8 @@ def plot(recs: list[dict], path: Path, tasks: list[str]) -> None:
         chance = sum(dense["tasks"][k]["chance"] for k in tasks) / len(tasks)
         ax1.axhline(100 * chance, color="gray", ls=":", lw=1, label="chance (task mean)")
     ax1.set_xlabel("parameters removed (%)")
-    ax1.set_ylabel(f"average accuracy, {len(tasks)} tasks (%)")
+    ax1.set_ylabel(f"average accuracy, {len(tasks)} tasks (%)" if acc_tasks is None else
+                   f"mean accuracy, {'/'.join(_SHORT.get(t, t) for t in tasks)} (%)")
     ax1.set_title("zero-shot average (higher is better)")
     ax2.set_xlabel("parameters removed (%)")
     ax2.set_ylabel("WikiText-2 perplexity (log scale)")
