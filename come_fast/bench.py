@@ -50,6 +50,7 @@ VARIANTS = {"come-faithful": ("come", {"faithful": True}), "reverse-recover": ("
             "come-legacy+fold": ("come", {**LEGACY, "norms": "fold"}),
             "come-legacy+ls": ("come", {**LEGACY, "compensate": "ls"}),
             "come-legacy+search": ("come", {**LEGACY, "split": "search", "pair_select": "bi", "allow_repeat": True}),
+            "come+distill": ("come", {"distill_steps": 100}),
             "come-legacy+distill": ("come", {**LEGACY, "distill_steps": 100}),
             "shortgpt+distill": ("shortgpt", {"distill_steps": 100}),
             "come-p+distill": ("come-p", {"distill_steps": 100}), "sleb+distill": ("sleb", {"distill_steps": 100}),
