@@ -84,7 +84,7 @@ DISTILL_OPTIONS = frozenset({"distill_lr", "distill_mse", "distill_kl", "distill
 DISTILL_VALIDATORS = {"distill_lr": methods.learning_rate, "distill_mse": methods.number(0),
                       "distill_kl": methods.number(0), "distill_batch": methods.positive_int}
 # the closed-form compensation's settings (come_fast.compensate), read by compress and by CoMe's search
-LS_OPTIONS = frozenset({"ls_weighting", "ls_layers"})
+LS_OPTIONS = frozenset({"ls_weighting", "ls_layers", "ls_select"})
 
 
 def split_options(method: str, options: dict) -> tuple[dict, dict]:
@@ -257,7 +257,8 @@ def compress(model, ratio: float | None = None, method: str = "come", calib=None
         ma = adapter_for(m)
         layers = None if options.get("ls_layers", "changed") == "changed" else range(len(ma.layers))
         return compensate_model(ma, LayerStream(ma, tokens, batch_size, ops), teacher_states, provenance, L,
-                                layers=layers, weighting=options.get("ls_weighting", "none"))
+                                layers=layers, weighting=options.get("ls_weighting", "none"),
+                                select=options.get("ls_select", "layer"))
 
     if on_step is not None:
         def partial(prov, steps):

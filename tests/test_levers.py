@@ -131,41 +131,84 @@ def test_holdout_rows_are_the_last_block():
     assert holdout_rows(8, 0.5) == [4, 5, 6, 7]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_refit_reaches_the_least_squares_optimum(family):
-    """The refit down_proj minimises ||t - h1 - b - a W^T||^2 + lam ||W - W0||^2
-    over ALL rows for the ridge it reports: compare with torch.linalg.lstsq on
-    features gathered independently with forward hooks on the stock layer."""
-    model = tiny_model(family)
-    a = adapter_for(model)
-    ids = tokens(n=24, T=32)
-    stream = LayerStream(a, ids, batch_size=4)
-    x = stream.boundary[0]
-    layer = a.layers[0]
-    target = stream.forward_layer(a.layers[1], stream.forward_layer(layer, x))  # the next layer's output: a deletion
+def _features(a, layer, x, stream, target):
+    """(A, R) of ``layer``'s down_proj for ``target``, gathered independently with hooks on a copy."""
     ref = copy.deepcopy(layer)
     feats = {}
     ref.mlp.down_proj.register_forward_hook(lambda m, i, o: feats.update(a=i[0], m=o))
+    n = x.shape[0]
     with torch.no_grad():
-        y = ref(x, attention_mask=None, position_ids=stream.position_ids.expand(24, -1),
-                position_embeddings=a.rotary(x, stream.position_ids.expand(24, -1)))
+        y = ref(x, attention_mask=None, position_ids=stream.position_ids.expand(n, -1),
+                position_embeddings=a.rotary(x, stream.position_ids.expand(n, -1)))
         y = y[0] if isinstance(y, tuple) else y
-    A = feats["a"].reshape(-1, feats["a"].shape[-1]).double()
-    R = (target - (y - feats["m"])).reshape(-1, x.shape[-1]).double()
+    A = feats["a"].double()
+    R = (target - (y - feats["m"])).double()
     if ref.mlp.down_proj.bias is not None:
         R = R - ref.mlp.down_proj.bias.double()
-    rep = refit_down(a, stream, layer, x, target, alphas=(1e-2, 1e-1, 1.0), holdout=0.25)
-    assert rep.alpha is not None and rep.solver == "cholesky" and rep.tokens == 24 * 32
-    lam = rep.ridge
-    W0t = ref.mlp.down_proj.weight.detach().T.double()
+    return A, R
+
+
+def _ridge(A, R, W0t, lam):
     n = A.shape[1]
-    best = torch.linalg.lstsq(torch.cat([A, lam ** 0.5 * torch.eye(n, dtype=torch.float64)]),
+    return torch.linalg.lstsq(torch.cat([A, lam ** 0.5 * torch.eye(n, dtype=torch.float64)]),
                               torch.cat([R, lam ** 0.5 * W0t])).solution
+
+
+def _deletion_case(family):
+    model = tiny_model(family)
+    a = adapter_for(model)
+    stream = LayerStream(a, tokens(n=24, T=32), batch_size=4)
+    x = stream.boundary[0]
+    layer = a.layers[0]
+    target = stream.forward_layer(a.layers[1], stream.forward_layer(layer, x))  # the next layer's output: a deletion
+    return a, stream, x, layer, target
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_refit_reaches_the_least_squares_optimum(family):
+    """One ridge for the layer: the refit down_proj minimises
+    ||t - h1 - b - a W^T||^2 + lam ||W - W0||^2 over ALL rows for the ridge it
+    reports: compare with torch.linalg.lstsq on features gathered independently."""
+    a, stream, x, layer, target = _deletion_case(family)
+    A, R = _features(a, layer, x, stream, target)
+    A, R = A.reshape(-1, A.shape[-1]), R.reshape(-1, R.shape[-1])
+    W0t = layer.mlp.down_proj.weight.detach().T.double()
+    rep = refit_down(a, stream, layer, x, target, alphas=(1e-2, 1e-1, 1.0), holdout=0.25, select="layer")
+    assert rep.alpha is not None and rep.solver == "cholesky" and rep.tokens == 24 * 32
+    best = _ridge(A, R, W0t, rep.ridge)
     torch.testing.assert_close(layer.mlp.down_proj.weight.detach().double(), best.T, rtol=1e-4, atol=1e-5)
     job = float((target.double() - x.double()).pow(2).sum())
     assert rep.residual_after == pytest.approx(float((R - A @ best).pow(2).sum()) / job, rel=1e-6)
     assert rep.residual_before == pytest.approx(float((R - A @ W0t).pow(2).sum()) / job, rel=1e-6)
     assert rep.residual_after < rep.residual_before
+
+
+def test_refit_per_column_takes_each_columns_held_out_choice():
+    """select="column": column d of the refit weight is the ridge solution (on all
+    rows) for the ridge whose fit on the other rows gave column d the smallest
+    held-out residual, or W0's column when not refitting was better; both computed
+    here independently with lstsq on the hooked features."""
+    a, stream, x, layer, target = _deletion_case("llama")
+    A, R = _features(a, layer, x, stream, target)
+    W0t = layer.mlp.down_proj.weight.detach().T.double()
+    held = holdout_rows(24)
+    fit = [i for i in range(24) if i not in held]
+    flat = lambda t, rows: t[rows].reshape(-1, t.shape[-1])
+    Af, Rf, Ah, Rh, Aa, Ra = flat(A, fit), flat(R, fit), flat(A, held), flat(R, held), flat(A, list(range(24))), \
+        flat(R, list(range(24)))
+    alphas = (1e-2, 1.0, 100.0)
+    scale = float((Aa.T @ Aa).diagonal().mean())
+    cands = [W0t] + [_ridge(Af, Rf, W0t, al * scale) for al in alphas]
+    errs = torch.stack([(Rh - Ah @ W).pow(2).sum(0) for W in cands])
+    pick = errs.argmin(0)
+    finals = [W0t] + [_ridge(Aa, Ra, W0t, al * scale) for al in alphas]
+    want = torch.stack([finals[int(p)][:, d] for d, p in enumerate(pick)], 1)
+    rep = refit_down(a, stream, layer, x, target, alphas=alphas, select="column")
+    assert sum(rep.alpha_columns.values()) == W0t.shape[1]
+    assert len(rep.alpha_columns) > 1  # the columns do not all agree: the selection is per column
+    torch.testing.assert_close(layer.mlp.down_proj.weight.detach().double(), want.T, rtol=1e-4, atol=1e-5)
+    assert rep.heldout_after == pytest.approx(float(errs.gather(0, pick[None]).sum()) / float(
+        (target.double() - x.double()).pow(2).sum()), rel=1e-6)
 
 
 def test_refit_keeps_the_weight_when_held_out_rows_say_so():

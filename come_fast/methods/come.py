@@ -216,7 +216,8 @@ def _come(ctx: Context, n_remove: int, method: str) -> Outcome:
                      "_layer": cand, "_sel": sel, "_scores": scores}
                 if teacher is not None:
                     c["refit"] = refit_down(a, stream, cand, x_in, teacher[end], index=idx, target_boundary=end,
-                                            weighting=opts.get("ls_weighting", "none")).as_dict()
+                                            weighting=opts.get("ls_weighting", "none"),
+                                            select=opts.get("ls_select", "layer")).as_dict()
                 cands.append(c)
         if len(cands) > 1:
             for n, c in enumerate(cands):
