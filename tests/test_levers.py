@@ -245,3 +245,128 @@ def test_teacher_states_spill_to_disk_and_read_back():
     folder = small._dir
     small.close()
     assert not folder.exists()
+
+
+# -- the split search and the pair candidates (CoMe's default mode) ---------------------------
+
+def _bi_by_hand(model, ids):
+    """ShortGPT's BI summed over tokens from HF hidden states (x_L after the final norm, as the stream)."""
+    with torch.inference_mode():
+        hs = model(ids, output_hidden_states=True).hidden_states
+    out = []
+    for l in range(len(hs) - 1):
+        x, y = hs[l].reshape(-1, hs[l].shape[-1]), hs[l + 1].reshape(-1, hs[l].shape[-1])
+        cos = torch.nn.functional.cosine_similarity(x, y, dim=-1).nan_to_num(0.5).clamp(0, 1)
+        out.append(float((1 - cos).sum()))
+    return out
+
+
+def test_search_step_by_hand():
+    """One step of the default mode, compensation off: the candidates are the pairs on either
+    side of the lowest-BI layer at every split of the grid; each candidate's loss is KL(original
+    || candidate model) on the held-out rows, computed here with plain HF forwards on the
+    model the step returns; the step keeps the argmin."""
+    import come_fast
+
+    teacher = tiny_model("llama")
+    model = copy.deepcopy(teacher)
+    ids = tokens(n=8, T=16)
+    bi = _bi_by_hand(teacher, ids)
+    low = min(range(len(bi)), key=lambda j: (bi[j], j))
+    res = come_fast.compress(model, target_layers=5, calib=ids, compensate=None)
+    st = res.report[0]
+    assert st["bi_sum"] == pytest.approx(bi, rel=1e-5)
+    assert {c["pair"] for c in st["candidates"]} == {p for p in (low - 1, low) if 0 <= p < 5}
+    assert {c["r"] for c in st["candidates"]} <= {0.0, 0.25, 0.5, 0.75, 1.0}
+    best = min(st["candidates"], key=lambda c: c["loss"])
+    assert st["pair"][0] == best["pair"] and st["ratio"][0] == best["r"]
+    rows = holdout_rows(8)
+    with torch.inference_mode():
+        lp = torch.log_softmax(teacher(ids[rows]).logits, -1)
+        lq = torch.log_softmax(model(ids[rows]).logits, -1)
+    kl = float((lp.exp() * (lp - lq)).sum(-1).mean())
+    assert best["loss"] == pytest.approx(kl, rel=1e-4)
+
+
+def test_split_of_one_is_a_deletion():
+    """The search contains deletion: with the grid at its ends only, every step keeps one
+    of the two layers untouched, so the result is the original model with layers deleted,
+    weight for weight."""
+    import come_fast
+
+    original = tiny_model("qwen2")
+    model = copy.deepcopy(original)
+    res = come_fast.compress(model, target_layers=4, calib=tokens(n=8, T=16), compensate=None, split_grid=[0, 1])
+    orig_layers = [dict(l.state_dict()) for l in original.model.layers]
+    for layer in model.model.layers:
+        sd = layer.state_dict()
+        assert any(all(torch.equal(sd[k], o[k]) for k in sd) for o in orig_layers)
+    assert sorted(_leaves_of(res.provenance)) == list(range(6))
+
+
+def _leaves_of(p):
+    return [x for q in p for x in (_leaves_of(q) if isinstance(q, list) else [q])]
+
+
+def test_default_mode_compensates_and_merges_merged_layers():
+    import come_fast
+
+    model = tiny_model("llama")
+    res = come_fast.compress(model, target_layers=2, calib=tokens(n=8, T=32))  # 4 merges of 6 layers: repeats needed
+    assert res.settings["allow_repeat"] and res.settings["norms"] == "fold" and res.settings["split"] == "search"
+    assert res.settings["compensate"]["mode"] == "ls" and res.settings["refit_in_search"]
+    assert any(st.get("refit") for st in res.report if "pair" in st)
+    assert sorted(_leaves_of(res.provenance)) == list(range(6))
+
+
+def test_lever_options_checked():
+    import come_fast
+
+    ids = tokens(n=8, T=32)
+    with pytest.raises(ValueError, match="faithful mode reproduces the release"):
+        come_fast.compress(tiny_model("llama"), target_layers=5, calib=ids, faithful=True, norms="fold")
+    with pytest.raises(ValueError, match="faithful mode reproduces the release: it takes no compensation"):
+        come_fast.compress(tiny_model("llama"), target_layers=5, calib=ids, faithful=True, compensate="ls")
+    for bad in ({"norms": "avg"}, {"split": "grid"}, {"split_grid": []}, {"split_grid": [0.5, 2]},
+                {"pair_select": "loss"}, {"pair_candidates": 0}, {"search_refit": "yes"}):
+        model = tiny_model("llama")
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            come_fast.compress(model, target_layers=5, calib=ids, **bad)
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(ValueError, match="compensate must be"):
+        come_fast.compress(tiny_model("llama"), target_layers=5, calib=ids, compensate="svd")
+    with pytest.raises(ValueError, match="removes sublayers"):
+        come_fast.compress(tiny_model("llama"), ratio=0.2, calib=ids, method="finercut", compensate="ls")
+    with pytest.raises(ValueError, match="calibration rows"):
+        come_fast.compress(tiny_model("llama"), target_layers=5, calib=tokens(n=3, T=16), method="shortgpt",
+                           compensate="ls")
+    with pytest.raises(ValueError, match="unknown compensation option"):
+        come_fast.compress(tiny_model("llama"), target_layers=5, calib=ids, ls_ridge=3)
+
+
+@pytest.mark.parametrize("method", ["shortgpt", "sleb", "replaceme", "laco", "streamline"])
+def test_compensation_after_any_whole_layer_method(method):
+    """compensate="ls" after a baseline: the layers standing for a gap (or a fold)
+    are refit, every other layer is the method's own, and the calibration KL to the
+    original model does not grow (the refit keeps a layer whose held-out rows say so)."""
+    import come_fast
+
+    ids = tokens(n=8, T=32)
+    teacher = tiny_model("llama")
+    plain = come_fast.compress(copy.deepcopy(teacher), target_layers=4, calib=ids, method=method, compensate=None,
+                               **({"streamline_steps": 2} if method == "streamline" else {}))
+    res = come_fast.compress(copy.deepcopy(teacher), target_layers=4, calib=ids, method=method, compensate="ls",
+                             **({"streamline_steps": 2} if method == "streamline" else {}))
+    assert res.provenance == plain.provenance
+    refit = res.settings["compensate"]["refit_layers"]
+    assert refit == changed_layers(res.provenance, 6) and refit
+    changed = set(refit) - set(res.settings["compensate"]["kept"])
+    for k, (lp, lr) in enumerate(zip(plain.model.model.layers, res.model.model.layers)):
+        for (n1, p1), (n2, p2) in zip(lp.state_dict().items(), lr.state_dict().items()):
+            same = torch.equal(p1, p2)
+            assert same or (k in changed and n1 == "mlp.down_proj.weight"), (k, n1)
+    with torch.inference_mode():
+        lt = torch.log_softmax(teacher(ids).logits, -1)
+        kl = lambda m: float((lt.exp() * (lt - torch.log_softmax(m(ids).logits, -1))).sum(-1).mean())
+        assert kl(res.model) <= kl(plain.model) * 1.05
