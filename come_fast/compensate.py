@@ -15,7 +15,8 @@ linear in W = ``down_proj.weight``, so
 
 (ridge toward the current weight W0: a heavy ridge changes nothing). G and C
 are accumulated in float64 over calibration batches, O(I^2 + I d) memory,
-never tokens x I. lam = alpha * mean(diag G); alpha is chosen on calibration
+never tokens x I (each batch's products in float32, the sums in float64).
+lam = alpha * mean(diag G); alpha is chosen on calibration
 rows held apart from the fit (the held-out residual has a closed form in the
 held-out G, C and ||R||^2), among ``alphas`` and "keep W0" (no refit), then
 the refit uses all rows. Solved by Cholesky; where it fails (G + lam I not
@@ -147,11 +148,14 @@ class NormalEquations:
         return float(self.s_cols.sum())
 
     def add(self, a: torch.Tensor, R: torch.Tensor) -> None:
-        a = a.reshape(-1, a.shape[-1]).double()
-        R = R.reshape(-1, R.shape[-1]).double()
-        self.G += a.T @ a
-        self.C += a.T @ R
-        self.s_cols += R.pow(2).sum(0)
+        """Add one batch: its products in float32 (a batch's few hundred tokens
+        lose nothing a ridge of 1e-3 of the diagonal would notice), summed into
+        the float64 totals, so that many batches do not accumulate rounding."""
+        a = a.reshape(-1, a.shape[-1]).float()
+        R = R.reshape(-1, R.shape[-1]).float()
+        self.G += (a.T @ a).double()
+        self.C += (a.T @ R).double()
+        self.s_cols += R.double().pow(2).sum(0)
         self.tokens += a.shape[0]
 
     def __add__(self, other: "NormalEquations") -> "NormalEquations":
@@ -251,18 +255,21 @@ def down_equations(adapter: Adapter, stream, layer, x: torch.Tensor, target: tor
                 xb = x[i:i + stream.bs]
                 y = stream.forward_layer(layer, xb)
                 outs.append(y)
-                tb = target[i:i + stream.bs].to(dev)
-                R = tb.double() - (y.double() - seen["m"].double())
+                tb = target[i:i + stream.bs].to(dev).float()
+                R = tb - (y.float() - seen["m"].float())
                 if bias is not None:
-                    R = R - bias.double()
-                a_ = seen["a"].double()
-                D = tb.double() - xb.double()
+                    R = R - bias.float()
+                a_ = seen["a"].float()
+                D = tb - xb.float()
                 if weighting == "rms":
-                    w = tb.double().pow(2).mean(-1, keepdim=True).clamp_min(1e-12).rsqrt()
+                    w = tb.pow(2).mean(-1, keepdim=True).clamp_min(1e-12).rsqrt()
                     a_, R, D = a_ * w, R * w, D * w
-                job += float(D.pow(2).sum())
-                for j in range(xb.shape[0]):
-                    (held if i + j in held_set else fit).add(a_[j], R[j])
+                job += float(D.double().pow(2).sum())
+                rows = [i + j in held_set for j in range(xb.shape[0])]
+                for part, keep in ((held, True), (fit, False)):
+                    sel = [j for j, h in enumerate(rows) if h == keep]
+                    if sel:
+                        part.add(a_[sel], R[sel])
     finally:
         h.remove()
     return fit, held, job, torch.cat(outs)
