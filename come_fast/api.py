@@ -84,7 +84,14 @@ DISTILL_OPTIONS = frozenset({"distill_lr", "distill_mse", "distill_kl", "distill
 DISTILL_VALIDATORS = {"distill_lr": methods.learning_rate, "distill_mse": methods.number(0),
                       "distill_kl": methods.number(0), "distill_batch": methods.positive_int}
 # the closed-form compensation's settings (come_fast.compensate), read by compress and by CoMe's search
-LS_OPTIONS = frozenset({"ls_weighting", "ls_layers", "ls_select"})
+_POSITIVE = methods.number(0, lo_open=True)
+LS_VALIDATORS = {
+    "ls_alphas": methods.Validator(lambda v: isinstance(v, (list, tuple)) and len(v) > 0
+                                   and all(_POSITIVE(x) and math.isfinite(x) for x in v),
+                                   "a non-empty list of positive ridges (relative to the mean diagonal)"),
+    "ls_weighting": methods.one_of("none", "rms"), "ls_layers": methods.one_of("changed", "all"),
+    "ls_select": methods.one_of("layer", "column")}
+LS_OPTIONS = frozenset(LS_VALIDATORS)
 
 
 def split_options(method: str, options: dict) -> tuple[dict, dict]:
@@ -102,6 +109,9 @@ def split_options(method: str, options: dict) -> tuple[dict, dict]:
     bad = {k for k in options if k.startswith("ls_")} - LS_OPTIONS
     if bad:
         raise ValueError(f"unknown compensation option(s) {', '.join(sorted(bad))}; known: {', '.join(sorted(LS_OPTIONS))}")
+    for k in LS_OPTIONS & set(options):
+        if not LS_VALIDATORS[k](options[k]):
+            raise ValueError(f"option {k}={options[k]!r}: expected {LS_VALIDATORS[k].accepts}")
     mopts = {k: v for k, v in options.items() if k not in dopts and k not in LS_OPTIONS}
     methods.check_options(method, mopts)
     return {**mopts, **{k: v for k, v in options.items() if k in LS_OPTIONS}}, dopts
@@ -252,13 +262,12 @@ def compress(model, ratio: float | None = None, method: str = "come", calib=None
     def compensated(m, provenance):
         """Refit ``m``'s changed layers toward the teacher (in place); the reports."""
         from .calibration import LayerStream
-        from .compensate import compensate_model
+        from .compensate import compensate_model, refit_settings
 
         ma = adapter_for(m)
         layers = None if options.get("ls_layers", "changed") == "changed" else range(len(ma.layers))
         return compensate_model(ma, LayerStream(ma, tokens, batch_size, ops), teacher_states, provenance, L,
-                                layers=layers, weighting=options.get("ls_weighting", "none"),
-                                select=options.get("ls_select", "layer"))
+                                layers=layers, **refit_settings(options))
 
     if on_step is not None:
         def partial(prov, steps):

@@ -346,6 +346,12 @@ def refit_down(adapter: Adapter, stream, layer, x: torch.Tensor, target: torch.T
     return rep
 
 
+def refit_settings(options: dict) -> dict:
+    """``refit_down``'s keyword settings from compress's ``ls_*`` options (validated there)."""
+    return {"alphas": tuple(options.get("ls_alphas", ALPHAS)), "weighting": options.get("ls_weighting", "none"),
+            "select": options.get("ls_select", "layer")}
+
+
 def compensate_model(adapter: Adapter, stream, teacher: TeacherStates, provenance: list, n_original: int, *,
                      layers: Optional[Sequence[int]] = None, alphas: Sequence[float] = ALPHAS,
                      holdout: float = HOLDOUT, weighting: str = "none", select: str = "layer",

@@ -54,3 +54,10 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def pytest_configure(config):
+    # also in pyproject.toml; registered here too so that the marker is known
+    # wherever pytest's rootdir or ini file is (tests/test_fuzz.py: the long fuzz)
+    config.addinivalue_line("markers", "slow: longer than a minute on 2 CPU cores (tests/test_fuzz.py: "
+                                       "skipped unless -m slow or COME_FAST_SLOW=1)")

@@ -344,6 +344,15 @@ def test_lever_options_checked():
                            compensate="ls")
     with pytest.raises(ValueError, match="unknown compensation option"):
         come_fast.compress(tiny_model("llama"), target_layers=5, calib=ids, ls_ridge=3)
+    for bad in ([0.0], [-1e-3, 1.0], [], [float("inf")], 0.1):
+        model = tiny_model("llama")
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(ValueError, match="ls_alphas"):
+            come_fast.compress(model, target_layers=5, calib=ids, method="shortgpt", compensate="ls", ls_alphas=bad)
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    res = come_fast.compress(tiny_model("llama"), target_layers=5, calib=ids, method="shortgpt", compensate="ls",
+                             ls_alphas=[0.5])
+    assert {r["alpha"] for r in res.report[-1]["compensation"]} <= {0.5, None}
 
 
 @pytest.mark.parametrize("method", ["shortgpt", "sleb", "replaceme", "laco", "streamline"])

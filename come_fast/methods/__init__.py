@@ -42,7 +42,7 @@ REGISTRY: dict[str, Callable[[Context, int], Outcome]] = {}
 # shared calibration stream.
 OPTIONS: dict[str, frozenset] = {}
 COMMON_OPTIONS = frozenset({"faithful", "allow_repeat", "ratio", "rounding", "seed", "max_cache_bytes",
-                            "ls_weighting", "ls_layers", "ls_select"})
+                            "ls_weighting", "ls_layers", "ls_select", "ls_alphas"})
 
 
 # -- option values ----------------------------------------------------------------------

@@ -140,7 +140,7 @@ def settings_of(opts: dict, method: str) -> dict:
 
 
 def _come(ctx: Context, n_remove: int, method: str) -> Outcome:
-    from ..compensate import refit_down, spans
+    from ..compensate import refit_down, refit_settings, spans
 
     opts = ctx.options
     faithful = bool(opts.get("faithful", False))
@@ -216,8 +216,7 @@ def _come(ctx: Context, n_remove: int, method: str) -> Outcome:
                      "_layer": cand, "_sel": sel, "_scores": scores}
                 if teacher is not None:
                     c["refit"] = refit_down(a, stream, cand, x_in, teacher[end], index=idx, target_boundary=end,
-                                            weighting=opts.get("ls_weighting", "none"),
-                                            select=opts.get("ls_select", "layer")).as_dict()
+                                            **refit_settings(opts)).as_dict()
                 cands.append(c)
         if len(cands) > 1:
             for n, c in enumerate(cands):
