@@ -164,10 +164,20 @@ def compress(model, ratio: float | None = None, method: str = "come", calib=None
     for ``load_model``. ``ratio`` (share of all parameters to remove) and
     ``target_layers`` are alternatives. ``calib``: see ``calibration_tokens``.
     ``faithful=True`` reproduces the authors' release decision for decision,
-    quirks included; the default fixes its GQA head grouping.
+    quirks included; the default mode fixes its GQA head grouping and adds the
+    levers of come_fast.methods.come (folded norms, the split searched with
+    deletion inside it, BI-guided pair candidates, repeats), each an option.
+    ``compensate``: "ls" refits the down_proj of every changed layer toward the
+    original model's state after its span (come_fast.compensate; ``ls_*``
+    options), None switches it off, "auto" (default) means "ls" for CoMe's
+    default mode and None otherwise. ``allow_repeat``: None means the mode's own
+    (repeats in CoMe's default mode, the release's --wo-repeat otherwise).
+    If the call fails, the model is put back as it was given (the same layer
+    objects and config); nothing is half compressed.
     ``on_step(partial_result)``: called after every step of a progressive
     method with the result so far (its model is the live model: save it, do
-    not change it), e.g. to keep the 10% and 20% points of a 30% run.
+    not change it; with compensation, a refit copy), e.g. to keep the 10% and
+    20% points of a 30% run.
     ``distill_steps=N``: after compressing, N steps of hierarchical distillation
     from the original model along the provenance (come_fast.posttrain; options
     ``distill_lr`` 1e-4, ``distill_mse`` 1.0, ``distill_kl`` 1.0,

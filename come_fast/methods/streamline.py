@@ -28,9 +28,11 @@ from . import Context, Outcome, learning_rate, non_negative_int, positive_int, r
 
 
 def block_similarity(stream, b: int) -> list[float]:
-    """Mean token cosine between x_j and x_{j+b}, for j = 0 .. L-b."""
+    """Mean token cosine between x_j and x_{j+b}, for j = 0 .. L-b. A boundary
+    the stream did not cache (``max_cache_bytes``) is recomputed from the
+    nearest cached one below it."""
     L = len(stream.adapter.layers)
-    return [ops.mean_token_cosine(stream.boundary[j], stream.boundary[j + b]) for j in range(L - b + 1)]
+    return [ops.mean_token_cosine(stream.input_of(j), stream.input_of(j + b)) for j in range(L - b + 1)]
 
 
 @register("streamline", options={"streamline_steps": non_negative_int, "streamline_lr": learning_rate,
