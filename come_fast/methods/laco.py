@@ -66,6 +66,10 @@ def laco(ctx: Context, n_remove: int) -> Outcome:
         high = int(o.get("laco_highest", len(a.layers) - 1))
         high = min(high, len(a.layers) - 1)
         l = high - C
+        if l < low:  # no window fits: a lower threshold would not change that
+            raise ValueError(f"laco: cannot reach {n_remove} removals: {removed} done, and no window of "
+                             f"laco_layers={C} layers has its base in [laco_lowest={low}, {high} - {C}] "
+                             f"of the {len(a.layers)}-layer model (the top layer is never absorbed)")
         while l >= low and removed < n_remove:
             t = ops.Timer()
             m = min(C - 1, n_remove - removed, len(a.layers) - 1 - l)

@@ -66,6 +66,7 @@ sums), ``cholesky`` (whether it succeeded) and ``solver``.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -74,7 +75,7 @@ import torch.nn.functional as F
 
 from .. import layerops as ops
 from ..calibration import LayerStream, run_layers
-from ..merge import sublayer_modules
+from ..merge import replace_window, sublayer_modules
 from . import Context, Outcome, number, one_of, register
 
 TOKENS = ("all", "last")
@@ -223,7 +224,11 @@ def replaceme(ctx: Context, n_remove: int) -> Outcome:
     ops.tick(ctx, "fit", 0, 1)
     fit = fit_block(stream, s, n, ridge)
     ops.tick(ctx, "fit", 1, 1)
-    fold(a, a.layers[s - 1], fit.T)
+    # fold into a copy: compress restores the caller's layer objects when a later step
+    # fails (compensation, distillation), so an original layer is never changed in place
+    folded = copy.deepcopy(a.layers[s - 1])
+    fold(a, folded, fit.T)
+    replace_window(a, s - 1, 1, folded)
     drop = list(range(s, s + n))
     prov = ops.delete(a, None, list(range(L)), drop)
     step = {"removed": drop, "start": s, "fold_layer": s - 1, "distances": dist, "refused": [0],

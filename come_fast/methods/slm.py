@@ -40,6 +40,9 @@ def slm(ctx: Context, n_remove: int) -> Outcome:
                 raise ValueError(f"slm: cannot reach {n_remove} removals")
         passes += 1
         top = len(a.layers) - 1
+        if top <= lowest:  # no window fits: a lower threshold would not change that
+            raise ValueError(f"slm: cannot reach {n_remove} removals: {removed} done, and no window of two "
+                             f"layers fits above slm_lowest={lowest} in the {len(a.layers)}-layer model")
         while top > lowest and removed < n_remove:
             t = ops.Timer()
             best = None  # (low, sim, layer) of the largest window that passed
