@@ -77,7 +77,7 @@ VALID = {
     # come / come-p
     "last_boundary": ["final_norm", "raw"], "pair_tokens": ["last", "all"], "norms": ["mean", "fold"],
     "pair_select": ["distance", "bi"], "pair_candidates": [1, 2, 3, 50], "score_rows": [1, 2, 3, 100],
-    "search_refit": [True, False], "split": ["search", "bi"],
+    "search_refit": [True, False], "search_solve": ["all", "fit"], "split": ["search", "bi"],
     "split_grid": [[0.5], [0, 1], [0.25, 0.75], (0, 0.5, 1), [1]], "grid_steps": [1, 2, 3],
     # reverse
     "recover": [True, False], "recover_layers": [1, 2, 3, 50], "recover_steps": [0, 1, 2],
@@ -107,8 +107,8 @@ SHARED = ("seed", "max_cache_bytes")
 LS = tuple(sorted(k for k in getattr(api, "LS_OPTIONS", ("ls_weighting", "ls_layers", "ls_select")) if k in VALID))
 LS_CHECKS = getattr(api, "LS_VALIDATORS", {})
 # CoMe's default-mode options that faithful mode refuses
-COME_MODE = ("norms", "split", "pair_select", "pair_candidates", "split_grid", "search_refit", "last_boundary",
-             "pair_tokens")
+COME_MODE = ("norms", "split", "pair_select", "pair_candidates", "split_grid", "search_refit", "search_solve",
+             "last_boundary", "pair_tokens")
 DISTILL = ("distill_lr", "distill_mse", "distill_kl", "distill_batch")
 CHEAP = {"streamline_steps": 2, "recover_steps": 2}  # defaults are 100 steps: cap them
 

@@ -212,6 +212,29 @@ def test_refit_per_column_takes_each_columns_held_out_choice():
         (target.double() - x.double()).pow(2).sum()), rel=1e-6)
 
 
+def test_refit_solved_on_the_fit_rows_leaves_the_held_out_rows_unseen():
+    """solve_on="fit" (CoMe's search: the judge scores candidates on the held-out
+    rows): the refit weight is the ridge solution on the fit rows alone, for the
+    ridge chosen on the held-out ones; an independent lstsq on hooked features."""
+    a, stream, x, layer, target = _deletion_case("llama")
+    A, R = _features(a, layer, x, stream, target)
+    W0t = layer.mlp.down_proj.weight.detach().T.double()
+    held = holdout_rows(24)
+    fit = [i for i in range(24) if i not in held]
+    Af, Rf = A[fit].reshape(-1, A.shape[-1]), R[fit].reshape(-1, R.shape[-1])
+    Ah, Rh = A[held].reshape(-1, A.shape[-1]), R[held].reshape(-1, R.shape[-1])
+    alphas = (1e-2, 1.0, 100.0)
+    scale = float((A.reshape(-1, A.shape[-1]).T @ A.reshape(-1, A.shape[-1])).diagonal().mean())
+    sols = {al: _ridge(Af, Rf, W0t, al * scale) for al in alphas}
+    best = min(alphas, key=lambda al: float((Rh - Ah @ sols[al]).pow(2).sum()))
+    assert float((Rh - Ah @ sols[best]).pow(2).sum()) < float((Rh - Ah @ W0t).pow(2).sum())  # a refit wins here
+    rep = refit_down(a, stream, layer, x, target, alphas=alphas, solve_on="fit")
+    assert rep.alpha == best
+    torch.testing.assert_close(layer.mlp.down_proj.weight.detach().double(), sols[best].T, rtol=1e-4, atol=1e-5)
+    with pytest.raises(CompensationError, match="solve_on"):
+        refit_down(a, stream, layer, x, target, solve_on="held")
+
+
 def test_refit_keeps_the_weight_when_held_out_rows_say_so():
     """A target the layer already meets exactly: every ridge only adds noise
     on the held-out rows, so the weight is kept."""

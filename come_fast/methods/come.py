@@ -158,8 +158,9 @@ def _come(ctx: Context, n_remove: int, method: str) -> Outcome:
     pair_tokens = opts.get("pair_tokens", "last")
     if faithful and (not last_normed or pair_tokens != "last"):
         raise ValueError("faithful mode keeps the release's last_boundary='final_norm' and pair_tokens='last'")
-    if faithful and any(opts.get(k) is not None for k in DEFAULTS):
-        raise ValueError(f"faithful mode reproduces the release: the options {', '.join(DEFAULTS)} do not apply")
+    levers = (*DEFAULTS, "search_solve")
+    if faithful and any(opts.get(k) is not None for k in levers):
+        raise ValueError(f"faithful mode reproduces the release: the options {', '.join(levers)} do not apply")
     if pair_tokens == "all" and opts.get("max_cache_bytes") is not None:
         raise ValueError("pair_tokens='all' needs every layer boundary cached: drop max_cache_bytes")
     a = ctx.adapter
@@ -167,6 +168,8 @@ def _come(ctx: Context, n_remove: int, method: str) -> Outcome:
     prov: list = list(range(L0))
     steps = []
     teacher = ctx.teacher if opts.get("search_refit", True) else None  # compensate="ls": refit every candidate
+    # "fit": a candidate's refit never sees the rows the judge scores it on
+    search_solve = opts.get("search_solve", "all")
 
     def progress(l):
         if ctx.progress:
@@ -216,7 +219,7 @@ def _come(ctx: Context, n_remove: int, method: str) -> Outcome:
                      "_layer": cand, "_sel": sel, "_scores": scores}
                 if teacher is not None:
                     c["refit"] = refit_down(a, stream, cand, x_in, teacher[end], index=idx, target_boundary=end,
-                                            **refit_settings(opts)).as_dict()
+                                            solve_on=search_solve, **refit_settings(opts)).as_dict()
                 cands.append(c)
         if len(cands) > 1:
             for n, c in enumerate(cands):
@@ -269,7 +272,8 @@ SPLIT_GRID = Validator(lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and
                        "a non-empty list of splits in [0, 1]")
 _COMMON = {"last_boundary": one_of("final_norm", "raw"), "pair_tokens": one_of("last", "all"),
            "norms": one_of("mean", "fold"), "pair_select": one_of("distance", "bi"),
-           "pair_candidates": positive_int, "score_rows": positive_int, "search_refit": boolean}
+           "pair_candidates": positive_int, "score_rows": positive_int, "search_refit": boolean,
+           "search_solve": one_of("all", "fit")}
 
 
 @register("come", options={**_COMMON, "split": one_of("search", "bi"), "split_grid": SPLIT_GRID})
