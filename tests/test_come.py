@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 import come_fast
 from come_fast.adapters import adapter_for, count_parameters
 from come_fast.api import RatioError, removals_for_ratio
+from come_fast.bench import LEGACY
 from come_fast.calibration import CalibrationError, LayerStream, calibration_tokens
 from come_fast.dispatch import Ops
 from come_fast.methods.come import NoMergeablePairError, blocked_pairs
@@ -19,8 +20,7 @@ from tiny import FAMILIES, tiny_model, tokens
 
 # the release's rules in the default mode (GQA grouping fixed, every lever off): what the
 # tests of D, BI and the split below check; the levers have their own tests (test_levers.py)
-RELEASE_RULES = {"norms": "mean", "split": "bi", "pair_select": "distance", "compensate": None,
-                 "allow_repeat": False}
+RELEASE_RULES = LEGACY
 
 
 @pytest.mark.parametrize("family", FAMILIES)

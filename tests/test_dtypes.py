@@ -6,9 +6,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import come_fast
+from come_fast.bench import LEGACY  # every lever off
 from tiny import tiny_model, tokens
 
-LEGACY = {"norms": "mean", "split": "bi", "pair_select": "distance", "compensate": None, "allow_repeat": False}
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -104,8 +104,8 @@ VALID = {
 # candidates for an invalid value: each is used only where the option's validator refuses it
 INVALID = [-1, 0, 1.5, -0.5, "x", None, True, float("nan"), float("inf"), [], [2.0], 10 ** 30]
 SHARED = ("seed", "max_cache_bytes")
-LS = tuple(sorted(k for k in getattr(api, "LS_OPTIONS", ("ls_weighting", "ls_layers", "ls_select")) if k in VALID))
-LS_CHECKS = getattr(api, "LS_VALIDATORS", {})
+LS = tuple(sorted(k for k in api.LS_OPTIONS if k in VALID))
+LS_CHECKS = api.LS_VALIDATORS
 # CoMe's default-mode options that faithful mode refuses
 COME_MODE = ("norms", "split", "pair_select", "pair_candidates", "split_grid", "search_refit", "search_solve",
              "last_boundary", "pair_tokens")

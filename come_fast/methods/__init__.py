@@ -38,11 +38,8 @@ class Outcome:
 
 REGISTRY: dict[str, Callable[[Context, int], Outcome]] = {}
 # The options each method reads, so that a misspelt one is refused before a long
-# run instead of silently ignored. COMMON: set by compress itself, or read by the
-# shared calibration stream.
+# run instead of silently ignored (COMMON_OPTIONS, below: those every method takes).
 OPTIONS: dict[str, frozenset] = {}
-COMMON_OPTIONS = frozenset({"faithful", "allow_repeat", "ratio", "rounding", "seed", "max_cache_bytes",
-                            "ls_weighting", "ls_layers", "ls_select", "ls_alphas"})
 
 
 # -- option values ----------------------------------------------------------------------
@@ -135,6 +132,17 @@ byte_count = Validator(lambda v: v is None or (_is_number(v) and v >= 0 and floa
 
 # the shared options a caller may pass in ``**options`` (the others are compress's own arguments)
 COMMON_VALIDATORS: dict[str, Validator] = {"max_cache_bytes": byte_count}
+# the closed-form compensation's settings (come_fast.compensate), read by compress
+# and by CoMe's search
+_POSITIVE = number(0, lo_open=True)
+LS_VALIDATORS: dict[str, Validator] = {
+    "ls_alphas": Validator(lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(_POSITIVE(x) for x in v),
+                           "a non-empty list of positive ridges (relative to the mean diagonal)"),
+    "ls_weighting": one_of("none", "rms"), "ls_layers": one_of("changed", "all"),
+    "ls_select": one_of("layer", "column")}
+# set by compress itself, read by the shared calibration stream, or the compensation's
+COMMON_OPTIONS = frozenset({"faithful", "allow_repeat", "ratio", "rounding", "seed", *COMMON_VALIDATORS,
+                            *LS_VALIDATORS})
 VALIDATORS: dict[str, dict[str, Optional[Validator]]] = {}
 
 
