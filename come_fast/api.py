@@ -150,12 +150,15 @@ def compress(model, ratio: float | None = None, method: str = "come", calib=None
              tokenizer=None, faithful: bool = False, allow_repeat: bool | None = None, n_samples: int = 32,
              seq_len: int = 256, batch_size: int = 2, backend: str = "auto", rounding: str = "nearest",
              seed: int = 0, progress: bool | Any = False, on_step=None, distill_steps: int = 0, teacher=None,
-             compensate="auto", **options) -> CompressionResult:
+             compensate="auto", text_column: str = "text", **options) -> CompressionResult:
     """Compress ``model`` in place by depth and return a ``CompressionResult``.
 
     ``model``: a Hugging Face causal LM (Llama, Mistral, Qwen2, Qwen3) or a name
     for ``load_model``. ``ratio`` (share of all parameters to remove) and
-    ``target_layers`` are alternatives. ``calib``: see ``calibration_tokens``.
+    ``target_layers`` are alternatives. ``calib``: see ``calibration_tokens``
+    (tokens, a file, a list of strings, a ``datasets`` Dataset or IterableDataset
+    whose column ``text_column`` holds the text, a hub dataset, or None for
+    sequences sampled from the model).
     ``faithful=True`` reproduces the authors' release decision for decision,
     quirks included; the default mode fixes its GQA head grouping and adds the
     levers of come_fast.methods.come (folded norms, the split searched with
@@ -231,7 +234,7 @@ def compress(model, ratio: float | None = None, method: str = "come", calib=None
                              "pass the uncompressed model")
     tokenizer = tokenizer if tokenizer is not None else _find_tokenizer(model)
     t0 = time.perf_counter()
-    tokens = calibration_tokens(calib, model, tokenizer, n_samples, seq_len, seed)
+    tokens = calibration_tokens(calib, model, tokenizer, n_samples, seq_len, seed, text_column=text_column)
     if comp:
         _check_refit_data(tokens, a)
     device = next(model.parameters()).device

@@ -2,7 +2,8 @@
 
 Two pieces:
 - ``calibration_tokens``: turns whatever the caller passes (a LongTensor, a
-  safetensors/.txt/.jsonl path, a dataset name, or None for the embedded
+  safetensors/.txt/.jsonl path, a list of strings, a ``datasets.Dataset`` or
+  ``IterableDataset``, a hub dataset name or spec, or None for the embedded
   default) into a fixed LongTensor [n, seq_len].
 - ``LayerStream``: runs the decoder one layer at a time over those batches
   (the GPTQ-style streaming order) and keeps the hidden states at layer
@@ -59,9 +60,13 @@ def _check_text_file(path: Path) -> None:
         raise CalibrationError(f"calibration file {path} holds NUL bytes: a binary file, not text")
 
 
-def _check_json_lines(path: Path) -> None:
-    """Each non-blank line of a .jsonl must be a JSON object whose ``text`` is a
-    string: name the first line that is not."""
+def _describe(value) -> str:
+    return "null" if value is None else f"{type(value).__name__} {value!r:.40}"
+
+
+def _check_json_lines(path: Path, column: str = "text") -> None:
+    """Each non-blank line of a .jsonl must be a JSON object whose ``column``
+    (``text``) is a string: name the first line that is not."""
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
             try:
@@ -75,22 +80,21 @@ def _check_json_lines(path: Path) -> None:
             except json.JSONDecodeError as e:
                 raise CalibrationError(f"{path}, line {n}: invalid JSON ({e.msg}, column {e.colno})") from None
             if not isinstance(row, dict):
-                raise CalibrationError(f"{path}, line {n}: expected a JSON object with a 'text' field, "
+                raise CalibrationError(f"{path}, line {n}: expected a JSON object with a {column!r} field, "
                                        f"got {type(row).__name__}")
-            if "text" not in row:
-                raise CalibrationError(f"{path}, line {n}: no 'text' field (fields: {sorted(row)})")
-            if not isinstance(row["text"], str):
-                got = "null" if row["text"] is None else f"{type(row['text']).__name__} {row['text']!r:.40}"
-                raise CalibrationError(f"{path}, line {n}: 'text' must be a string, got {got}")
+            if column not in row:
+                raise CalibrationError(f"{path}, line {n}: no {column!r} field (fields: {sorted(row)})")
+            if not isinstance(row[column], str):
+                raise CalibrationError(f"{path}, line {n}: {column!r} must be a string, got {_describe(row[column])}")
 
 
-def _read_docs(path: Path) -> list[str]:
+def _read_docs(path: Path, column: str = "text") -> list[str]:
     import datasets
 
     kind = "json" if path.suffix in (".jsonl", ".json") else "text"
     # checked here first: datasets' own errors name neither the line nor the mistake
     if path.suffix == ".jsonl":
-        _check_json_lines(path)
+        _check_json_lines(path, column)
     elif kind == "text":
         _check_text_file(path)
     kwargs = {} if kind == "json" else {"sample_by": "document"}
@@ -100,23 +104,102 @@ def _read_docs(path: Path) -> list[str]:
         cause = e.__cause__ or e.__context__ or e
         raise CalibrationError(f"could not read calibration file {path} as {kind}: "
                                f"{cause.__class__.__name__}: {str(cause)[:200]}") from None
-    if "text" not in ds.column_names:
-        raise CalibrationError(f"{path} has no 'text' field (fields: {ds.column_names})")
-    texts = ds["text"]
+    # a .txt is read into the column "text" whatever text_column says
+    return _docs_of_dataset(ds, column if kind == "json" else "text", str(path))
+
+
+def _docs_of_dataset(ds, column: str, source: str) -> list[str]:
+    """The non-empty strings of ``ds[column]`` (a ``datasets.Dataset``), or a
+    CalibrationError naming the columns there are / the first record that is not a string."""
+    if column not in ds.column_names:
+        raise CalibrationError(f"calibration {source} has no column {column!r} (columns: {ds.column_names}); "
+                               "pass text_column= (CLI: --text-column)")
+    texts = ds[column]
     bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
     if bad is not None:
-        raise CalibrationError(f"{path}, record {bad + 1}: 'text' must be a string, got {texts[bad]!r:.40}")
+        raise CalibrationError(f"calibration {source}, record {bad + 1}: {column!r} must be a string, "
+                               f"got {_describe(texts[bad])}")
     return [t for t in texts if t]
+
+
+def _docs_of_strings(texts, source: str) -> list[str]:
+    bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+    if bad is not None:
+        raise CalibrationError(f"calibration {source}: item {bad} must be a string, got {_describe(texts[bad])}")
+    return [t for t in texts if t]
+
+
+def _tokens_from_stream(rows, column: str, tokenizer, n: int, seq_len: int, source: str) -> torch.Tensor:
+    """Rows of an iterable dataset (dicts): documents are read until their text
+    holds the rows asked for (about 8 characters a token, more if that falls
+    short), then cut exactly as a list of the same documents would be."""
+    if tokenizer is None:
+        raise CalibrationError(f"calibration from text ({source}) needs the model's tokenizer")
+    need = n * seq_len
+    docs: list[str] = []
+    chars, want = 0, need * 8
+    it = iter(rows)
+    exhausted = False
+    while True:
+        while chars <= want:
+            try:
+                row = next(it)
+            except StopIteration:
+                exhausted = True
+                break
+            if not isinstance(row, dict) or column not in row:
+                names = sorted(row) if isinstance(row, dict) else type(row).__name__
+                raise CalibrationError(f"calibration {source}, record {len(docs) + 1}: no column {column!r} "
+                                       f"(columns: {names}); pass text_column= (CLI: --text-column)")
+            text = row[column]
+            if not isinstance(text, str):
+                raise CalibrationError(f"calibration {source}, record {len(docs) + 1}: {column!r} must be a "
+                                       f"string, got {_describe(text)}")
+            docs.append(text)
+            chars += len(text)
+        if exhausted:
+            break
+        # the documents after the last one read only extend the token stream past
+        # ``need``; tokenized together they give the same first ``need`` tokens
+        if len(tokenizer("\n\n".join(d for d in docs if d), add_special_tokens=False)["input_ids"]) > need + 8:
+            break
+        want *= 2
+    return _tokens_from_text("\n\n".join(d for d in docs if d), tokenizer, n, seq_len, source)
+
+
+HUB_KEYS = ("path", "name", "split", "column")
+
+
+def _hub_tokens(spec: dict, text_column: str, tokenizer, n: int, seq_len: int) -> torch.Tensor:
+    """A dataset on the Hugging Face hub, streamed: ``spec`` holds ``path``
+    (required), ``name`` (the config), ``split`` (default "train"), ``column``
+    (default ``text_column``) and any other ``datasets.load_dataset`` keyword
+    (``data_files``, ``revision``, ...)."""
+    spec = dict(spec)
+    if not isinstance(spec.get("path"), str) or not spec["path"]:
+        raise CalibrationError(f"a hub calibration spec needs 'path' (the dataset id), got {spec!r}; "
+                               "e.g. {'path': 'allenai/c4', 'name': 'en', 'split': 'validation', 'column': 'text'}")
+    path = spec.pop("path")
+    name = spec.pop("name", None)
+    split = spec.pop("split", None) or "train"
+    column = spec.pop("column", None) or text_column
+    source = f"{path}" + (f" ({name})" if name else "") + f", split {split!r}"
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(path, name, split=split, streaming=True, **spec)
+    except Exception as e:
+        raise CalibrationError(f"calibration dataset {source} could not be loaded: not an existing file, and the "
+                               f"hub could not provide it (offline? wrong id, config or split?) "
+                               f"({e.__class__.__name__}: {str(e)[:200]})") from None
+    return _tokens_from_stream(ds, column, tokenizer, n, seq_len, source)
 
 
 def sample_from_model(model, tokenizer, n: int, seq_len: int, seed: int = 0) -> torch.Tensor:
     """Sequences sampled from the model itself (temperature 1, no top-k/top-p),
     each started from the BOS token, which is then dropped. Deterministic for a
     seed. Needs no data at all; cached on disk by ``default_calibration``."""
-    bos = None
-    if tokenizer is not None:
-        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    bos = 0 if bos is None else bos
+    bos = _bos_id(tokenizer)
     g = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     out = torch.empty(n, seq_len, dtype=torch.long)
@@ -138,19 +221,56 @@ def sample_from_model(model, tokenizer, n: int, seq_len: int, seed: int = 0) -> 
     return out
 
 
-def _model_fingerprint(model) -> str:
+# config entries that do not change what the model computes: where it was loaded
+# from (``_name_or_path``), the library version, come_fast's own metadata, the
+# dtype (the parameters' own is hashed) and runtime switches
+_FINGERPRINT_SKIP = {"transformers_version", "come_fast", "dtype", "torch_dtype", "use_cache", "return_dict",
+                     "output_attentions", "output_hidden_states"}
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits_sum(t: torch.Tensor, chunk: int = 1 << 22) -> int:
+    """Sum of the tensor's elements' bit patterns as integers (int64, wrapping):
+    exact and independent of the order of the summation, on any device, and
+    changed by any change of any one element."""
+    flat = t.detach().reshape(-1).view(_INT_VIEW[t.element_size()])
+    total = 0
+    for i in range(0, flat.numel(), chunk):  # int64 copies a chunk at a time
+        total += int(flat[i:i + chunk].to(torch.int64).sum())
+    return total
+
+
+def model_fingerprint(model, tokenizer=None) -> str:
+    """A key for the weights: the same for the same weights whatever folder
+    (or none) they were loaded from, different when any parameter differs.
+    Hashes the config (less the entries in ``_FINGERPRINT_SKIP`` and those
+    starting with ``_``), every parameter's name, shape, dtype and the sum of
+    its bit patterns, and the BOS id sampling starts from."""
     h = hashlib.sha256()
-    h.update(repr(sorted(model.config.to_dict().items(), key=lambda kv: kv[0])).encode())
-    w = model.get_input_embeddings().weight
-    h.update(w.detach().flatten()[:4096].float().cpu().numpy().tobytes())
+    cfg = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k not in _FINGERPRINT_SKIP}
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    h.update(repr(_bos_id(tokenizer)).encode())
+    with torch.inference_mode():
+        for name, p in model.named_parameters():
+            h.update(f"{name}|{tuple(p.shape)}|{p.dtype}|{_bits_sum(p)};".encode())
     return h.hexdigest()[:16]
+
+
+def _bos_id(tokenizer) -> int:
+    bos = None
+    if tokenizer is not None:
+        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    return 0 if bos is None else bos
 
 
 def default_calibration(model, tokenizer, n: int, seq_len: int, seed: int = 0) -> torch.Tensor:
     from .models import cache_dir
     from safetensors.torch import load_file, save_file
 
-    path = cache_dir() / "calibration" / f"sampled-{_model_fingerprint(model)}-{n}x{seq_len}-s{seed}.safetensors"
+    # keyed by the weights, not by where they came from: the same weights from
+    # another folder (or a copy in memory) hit the same cache entry
+    key = model_fingerprint(model, tokenizer)
+    path = cache_dir() / "calibration" / f"sampled-{key}-{n}x{seq_len}-s{seed}.safetensors"
     if path.is_file():
         return load_file(str(path))["input_ids"]
     ids = sample_from_model(model, tokenizer, n, seq_len, seed)
@@ -169,20 +289,68 @@ def check_calibration_sizes(n_samples, seq_len) -> None:
             raise CalibrationError(f"{name} must be {what}, got {v!r}")
 
 
-def calibration_tokens(calib, model, tokenizer, n_samples: int = 32, seq_len: int = 256, seed: int = 0) -> torch.Tensor:
+def _datasets_types():
+    """``(Dataset, IterableDataset, DatasetDict, IterableDatasetDict)`` when
+    ``datasets`` is installed, else empty: it is imported only for a calibration
+    source that is none of the built-in kinds."""
+    try:
+        import datasets
+    except ImportError:
+        return ()
+    return datasets.Dataset, datasets.IterableDataset, datasets.DatasetDict, datasets.IterableDatasetDict
+
+
+def calibration_tokens(calib, model, tokenizer, n_samples: int = 32, seq_len: int = 256, seed: int = 0,
+                       text_column: str = "text") -> torch.Tensor:
     """Fixed calibration batches as a LongTensor [n, seq_len].
 
-    calib: LongTensor [n, seq_len] (used as is); a path to a .safetensors file
-    with key ``input_ids`` (as is), a .txt file or a .jsonl file with a ``text``
-    field (documents joined by a blank line, tokenized, cut into consecutive
-    rows); a dataset name (hub, where reachable; its ``text`` field); or None
-    for the embedded default (sequences sampled from the model itself).
+    calib:
+    - a LongTensor [n, seq_len] (used as is), or a path to a .safetensors file
+      with key ``input_ids`` (as is);
+    - text: a .txt file, a .jsonl file (field ``text_column``), a list of
+      strings, a ``datasets.Dataset`` or ``datasets.IterableDataset`` (column
+      ``text_column``), a hub dataset id (its ``train`` split, streamed) or a
+      dict ``{"path": id, "name": config, "split": split, "column": column,
+      **other load_dataset keywords}``. Documents are joined by a blank line,
+      tokenized whole without special tokens and cut into ``n_samples``
+      consecutive rows of ``seq_len`` tokens, so that the same documents give
+      the same rows whichever way they come (an iterable is read only as far
+      as the rows need);
+    - None for the embedded default: sequences sampled from the model itself,
+      cached under a key of its weights (``model_fingerprint``).
     """
     check_calibration_sizes(n_samples, seq_len)
+    if not isinstance(text_column, str) or not text_column:
+        raise CalibrationError(f"text_column must be a column name, got {text_column!r}")
     if calib is None:
         return default_calibration(model, tokenizer, n_samples, seq_len, seed)
+    n, T = n_samples, seq_len
     if isinstance(calib, torch.Tensor):
         ids = calib
+    elif isinstance(calib, (list, tuple)):
+        if not calib:
+            raise CalibrationError(f"calibration is an empty {type(calib).__name__}: give strings (documents)")
+        docs = _docs_of_strings(calib, type(calib).__name__)
+        return _tokens_from_text("\n\n".join(docs), tokenizer, n, T, f"(a list of {len(calib)} documents)")
+    elif isinstance(calib, dict) and not type(calib).__module__.startswith("datasets"):  # not a DatasetDict
+        return _hub_tokens(calib, text_column, tokenizer, n, T)
+    elif not isinstance(calib, (str, os.PathLike)):
+        kinds = _datasets_types()
+        if kinds and isinstance(calib, kinds[:2]):
+            kind = type(calib).__name__
+            names = calib.column_names  # None for an IterableDataset whose features are not known before reading
+            if names is not None and text_column not in names:
+                raise CalibrationError(f"calibration {kind} has no column {text_column!r} "
+                                       f"(columns: {names}); pass text_column= (CLI: --text-column)")
+            rows = calib.select_columns([text_column]) if names is not None else calib
+            return _tokens_from_stream(rows, text_column, tokenizer, n, T, kind)
+        if kinds and isinstance(calib, kinds[2:]):
+            raise CalibrationError(f"calibration is a {type(calib).__name__} (splits: {sorted(calib)}): "
+                                   "pass one split, e.g. ds['train']")
+        raise CalibrationError(
+            f"calibration of type {type(calib).__name__} is not understood: give a token tensor, a path "
+            "(.safetensors, .txt, .jsonl), a list of strings, a datasets.Dataset or IterableDataset, "
+            "a hub dataset id or {'path', 'name', 'split', 'column'}, or None")
     else:
         p = Path(os.fspath(calib)).expanduser()
         if p.suffix == ".safetensors":
@@ -202,26 +370,12 @@ def calibration_tokens(calib, model, tokenizer, n_samples: int = 32, seq_len: in
         elif p.suffix in (".txt", ".jsonl", ".json"):
             if not p.is_file():
                 raise CalibrationError(f"calibration file {p} does not exist")
-            docs = _read_docs(p)
-            return _tokens_from_text("\n\n".join(docs), tokenizer, n_samples, seq_len, str(p))
+            docs = _read_docs(p, text_column)
+            return _tokens_from_text("\n\n".join(docs), tokenizer, n, T, str(p))
         elif p.exists():
             raise CalibrationError(f"calibration file {p}: unknown type (use .safetensors, .txt or .jsonl)")
         else:
-            try:
-                import datasets
-
-                ds = datasets.load_dataset(str(calib), split="train", streaming=True)
-                docs, total = [], 0
-                for row in ds:
-                    docs.append(row["text"])
-                    total += len(row["text"])
-                    if total > n_samples * seq_len * 8:
-                        break
-            except Exception as e:
-                raise CalibrationError(
-                    f"calibration {calib!r} is neither an existing file nor a reachable dataset ({e.__class__.__name__}: {e})"
-                ) from None
-            return _tokens_from_text("\n\n".join(docs), tokenizer, n_samples, seq_len, str(calib))
+            return _hub_tokens({"path": str(calib)}, text_column, tokenizer, n, T)
     if ids.dtype not in (torch.int64, torch.int32) or ids.dim() != 2:
         raise CalibrationError(f"calibration tokens must be an integer tensor [n, seq_len], got {tuple(ids.shape)} {ids.dtype}")
     if ids.shape[0] < 1 or ids.shape[1] < 2:

@@ -19,6 +19,74 @@ def _default_data_dir() -> str | None:
     return None
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+DEVICE_HELP = "cpu, cuda, cuda:N or auto (cuda when a GPU is visible, else cpu; the default)"
+SAMPLE_PROMPT = "The capital of France is"
+SAMPLE_TOKENS = 20
+
+
+def _device_arg(text: str) -> str:
+    """argparse type of --device: auto, cpu, cuda or cuda:N (whether it is there is checked later)."""
+    t = text.strip().lower()
+    if t in ("auto", "cpu", "cuda") or (t.startswith("cuda:") and t[5:].isdigit()):
+        return t
+    raise argparse.ArgumentTypeError(f"invalid device {text!r} (choose from auto, cpu, cuda, cuda:N)")
+
+
+def resolve_device(spec: str) -> str:
+    """--device as a torch device: auto is cuda when CUDA is available, else
+    cpu; cuda (or cuda:N) where there is none is a ValueError (one line, exit 2)."""
+    import torch
+
+    if spec == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            why = (f"this torch ({torch.__version__}) is built without CUDA" if torch.version.cuda is None
+                   else "no GPU is visible")
+            raise ValueError(f"--device {spec}: CUDA is not available ({why}); use --device cpu or --device auto")
+        index = int(spec[5:]) if ":" in spec else 0
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"--device {spec}: there are {torch.cuda.device_count()} CUDA device(s)")
+    return spec
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
+def sample_text(model, tokenizer, prompt: str = SAMPLE_PROMPT, new_tokens: int = SAMPLE_TOKENS) -> str:
+    """The greedy continuation of ``prompt`` (at most ``new_tokens`` tokens,
+    stopping at EOS), decoded without special tokens."""
+    import torch
+    from transformers import GenerationConfig
+
+    enc = tokenizer(prompt, return_tensors="pt")
+    device = next(model.parameters()).device
+    ids = enc["input_ids"].to(device)
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
+    # a fresh config: the checkpoint's own may ask for sampling (temperature, top_p)
+    cfg = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad)
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=cfg)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def _calib_source(args):
+    """--calib with --calib-config/--calib-split: a hub dataset spec."""
+    if args.calib_config is None and args.calib_split is None:
+        return args.calib
+    if args.calib is None or Path(args.calib).expanduser().exists() or \
+            Path(args.calib).suffix in (".safetensors", ".txt", ".jsonl", ".json"):
+        raise ValueError("--calib-config and --calib-split choose a hub dataset's config and split: "
+                         "give its id with --calib (e.g. --calib allenai/c4 --calib-config en "
+                         "--calib-split validation)")
+    return {"path": args.calib, "name": args.calib_config, "split": args.calib_split}
+
+
 def _compress(args) -> int:
     import torch
 
@@ -35,12 +103,14 @@ def _compress(args) -> int:
         raise ValueError(f"unknown method {args.method!r}; available: {', '.join(methods.available())}")
     options = dict(_parse_kv(t) for t in args.option or [])
     methods.check_options(args.method, options)  # before the model loads
+    calib = _calib_source(args)
     t0 = time.perf_counter()
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, dtype=_torch_dtype(args.dtype), device=args.device)
     print(f"loaded {args.model}: {model.config.num_hidden_layers} layers "
-          f"({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) in {time.perf_counter() - t0:.1f} s")
+          f"({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {args.dtype} on {args.device}) "
+          f"in {time.perf_counter() - t0:.1f} s")
     res = api.compress(model, ratio=args.ratio, target_layers=args.target_layers, method=args.method,
-                       calib=args.calib, tokenizer=tok, faithful=args.faithful, allow_repeat=args.allow_repeat,
+                       calib=calib, text_column=args.text_column, tokenizer=tok, faithful=args.faithful, allow_repeat=args.allow_repeat,
                        n_samples=args.n_samples, seq_len=args.seq_len, batch_size=args.batch_size,
                        backend=args.backend, rounding=args.rounding, seed=args.seed, progress=not args.quiet,
                        distill_steps=args.distill_steps,
@@ -50,12 +120,26 @@ def _compress(args) -> int:
     print(f"provenance: {json.dumps(res.provenance)}")
     path = api.save(res, out, overwrite=args.overwrite)
     print(f"saved to {path} (load with transformers.AutoModelForCausalLM.from_pretrained)")
+    tok = res.tokenizer if res.tokenizer is not None else tok
+    if not (args.quiet or args.no_sample) and tok is not None:
+        try:  # the checkpoint is saved: a failure here only costs the sample
+            text = sample_text(res.model, tok)
+        except Exception as e:
+            print(f"(no sample generation: {_one_line(e)})", file=sys.stderr)
+        else:
+            print(f"sample (greedy, up to {SAMPLE_TOKENS} tokens): {json.dumps(SAMPLE_PROMPT)} -> "
+                  f"{json.dumps(text, ensure_ascii=False)}")
     return 0
 
 
 def _eval(args) -> int:
+    import torch
+
     from . import api
     from .eval import to_markdown
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     data_dir = args.data_dir or _default_data_dir()
     if data_dir is None or not Path(data_dir).is_dir():
@@ -68,9 +152,9 @@ def _eval(args) -> int:
         unknown = [t for t in tasks if t not in _known_tasks()]
         if unknown:  # before the model loads
             raise ValueError(f"unknown task(s) {', '.join(map(repr, unknown))}; known: {', '.join(_known_tasks())}")
-    model, tok, meta = api.load(args.model)
+    model, tok, meta = api.load(args.model, dtype=_torch_dtype(args.dtype), device=args.device)
     res = api.evaluate(model, tasks=tasks, data_dir=data_dir, limit=args.limit, tokenizer=tok,
-                       progress=not args.quiet)
+                       progress=not args.quiet, batch_size=args.batch_size)
     name = args.name or str(args.model)
     print(to_markdown({name: res}))
     if args.out:
@@ -109,7 +193,11 @@ def _check_args(args) -> None:
             raise ValueError(f"--distill-lr must be a number in (0, 1] (a learning rate), got {lr}")
     elif args.cmd == "eval":
         at_least("--limit", args.limit, 1, "a positive integer (the first N examples of each task)")
-    elif args.cmd == "bench":
+        at_least("--batch-size", args.batch_size, 1, "a positive integer")
+        at_least("--threads", args.threads, 1, "a positive integer")
+    if args.cmd in ("compress", "eval"):
+        args.device = resolve_device(args.device)  # before the model loads
+    if args.cmd == "bench":
         at_least("--limit", args.limit, 1, "a positive integer (the first N examples of each task)")
         at_least("--ppl-windows", args.ppl_windows, 1, "a positive integer (WikiText-2 windows)")
         at_least("--threads", args.threads, 1, "a positive integer")
@@ -177,6 +265,9 @@ def _bench_quality(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import methods
+
+    names = methods.available()
     p = argparse.ArgumentParser(prog="come-fast", description="Depth compression of Hugging Face causal LMs.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -185,21 +276,31 @@ def build_parser() -> argparse.ArgumentParser:
     g = c.add_mutually_exclusive_group(required=True)
     g.add_argument("--ratio", type=float, help="share of all parameters to remove, in (0, 1)")
     g.add_argument("--target-layers", type=int, help="number of decoder layers to keep")
-    c.add_argument("--method", default="come")
+    c.add_argument("--method", default="come", metavar="METHOD",
+                   help=f"compression method, one of: {', '.join(names)} (default: come)")
     c.add_argument("--faithful", action="store_true", help="reproduce the authors' release, quirks included")
     c.add_argument("--allow-repeat", action="store_true", default=None,
                    help="let a merged layer merge again (the default of CoMe's default mode)")
     c.add_argument("--no-repeat", dest="allow_repeat", action="store_false",
                    help="a merged layer is not merged again (the release's --wo-repeat; faithful mode's default)")
+    c.add_argument("--device", type=_device_arg, default="auto", help=f"where the model runs: {DEVICE_HELP}")
+    c.add_argument("--dtype", default="float32", choices=DTYPES,
+                   help="the weights' dtype while compressing, and the checkpoint's (default: float32)")
     c.add_argument("--calib", default=None,
-                   help="calibration: .safetensors (input_ids), .txt, .jsonl, a dataset name; default: sampled from the model")
-    c.add_argument("--n-samples", type=int, default=32)
-    c.add_argument("--seq-len", type=int, default=256)
-    c.add_argument("--batch-size", type=int, default=2)
-    c.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"])
+                   help="calibration: .safetensors (input_ids), .txt, .jsonl, a hub dataset id; "
+                        "default: sequences sampled from the model")
+    c.add_argument("--calib-config", default=None, help="the hub dataset's config (name), with --calib ID")
+    c.add_argument("--calib-split", default=None, help="the hub dataset's split, with --calib ID (default: train)")
+    c.add_argument("--text-column", default="text",
+                   help="the field (.jsonl) or column (hub dataset) holding the text (default: text)")
+    c.add_argument("--n-samples", type=int, default=32, help="calibration rows (default: 32)")
+    c.add_argument("--seq-len", type=int, default=256, help="tokens per calibration row (default: 256)")
+    c.add_argument("--batch-size", type=int, default=2, help="calibration rows per forward pass (default: 2)")
+    c.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"],
+                   help="kernels: triton, torch, or auto (Triton on a CUDA device where it imports, else PyTorch)")
     c.add_argument("--rounding", default="nearest", choices=["nearest", "down", "up"],
                    help="how --ratio is met with whole layers")
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=int, default=0, help="random seed (default calibration, sampling methods)")
     c.add_argument("--distill-steps", type=int, default=0,
                    help="then N steps of hierarchical distillation from the original model (0: none)")
     c.add_argument("--distill-lr", type=float, default=None, help="distillation learning rate (default 1e-4)")
@@ -207,36 +308,46 @@ def build_parser() -> argparse.ArgumentParser:
                    help="closed-form refit of changed layers toward the original (ls); auto: the method's default")
     c.add_argument("--option", action="append", metavar="KEY=VALUE",
                    help="a method option, repeatable (e.g. score_rows=8, pair_tokens=all; see the README)")
-    c.add_argument("--threads", type=int, default=None)
-    c.add_argument("--out", required=True)
-    c.add_argument("--overwrite", action="store_true")
-    c.add_argument("--quiet", action="store_true")
+    c.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    c.add_argument("--out", required=True, help="output folder for the checkpoint")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in --out")
+    c.add_argument("--no-sample", action="store_true",
+                   help=f"do not print the compressed model's greedy continuation of {SAMPLE_PROMPT!r}")
+    c.add_argument("--quiet", action="store_true", help="no progress bars and no sample generation")
     c.set_defaults(fn=_compress)
 
     e = sub.add_parser("eval", help="WikiText-2 perplexity and zero-shot tasks")
-    e.add_argument("--model", required=True)
+    e.add_argument("--model", required=True, help="a checkpoint folder (or smollm2-135m, a hub id)")
     e.add_argument("--tasks", default=None, help="comma-separated; default: wikitext2 and the seven tasks")
     e.add_argument("--limit", type=int, default=None, help="first N examples per task (200 = the dev slice)")
     e.add_argument("--data-dir", default=None, help="folder with wikitext2/, piqa/, ... (default: ../shared/data)")
-    e.add_argument("--name", default=None)
+    e.add_argument("--device", type=_device_arg, default="auto", help=f"where the model runs: {DEVICE_HELP}")
+    e.add_argument("--dtype", default="float32", choices=DTYPES, help="the weights' dtype (default: float32)")
+    e.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    e.add_argument("--batch-size", type=int, default=1,
+                   help="WikiText-2 windows per forward pass (default: 1; a zero-shot example's choices "
+                        "always run as one batch)")
+    e.add_argument("--name", default=None, help="the model's name in the table and JSON (default: --model)")
     e.add_argument("--out", default=None, help="write JSON (and a .md table beside it)")
-    e.add_argument("--quiet", action="store_true")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(fn=_eval)
 
     b = sub.add_parser("bench", help="benchmarks across methods")
     bsub = b.add_subparsers(dest="bench", required=True)
     q = bsub.add_parser("quality", help="every method x ratio: WikiText-2 perplexity and zero-shot tasks (resumable)")
-    q.add_argument("--model", default="smollm2-135m")
-    q.add_argument("--methods", default="all", help="comma-separated, or 'all' (come, come-faithful and every baseline)")
+    q.add_argument("--model", default="smollm2-135m", help="smollm2-135m (embedded), a local folder or a hub id")
+    q.add_argument("--methods", default="all",
+                   help=f"comma-separated, or 'all' (come, come-faithful and every baseline); methods: "
+                        f"{', '.join(names)}")
     q.add_argument("--ratios", default="0.1,0.2,0.3", help="shares of all parameters to remove")
     q.add_argument("--limit", type=int, default=200, help="first N examples per zero-shot task")
     q.add_argument("--tasks-at", default=None, help="ratios at which the 7 tasks run (default: all; 'none': perplexity only)")
-    q.add_argument("--out", default="results")
+    q.add_argument("--out", default="results", help="results folder (default: results)")
     q.add_argument("--calib", default=None, help="calibration, as for compress (the same for every method)")
-    q.add_argument("--data-dir", default=None)
+    q.add_argument("--data-dir", default=None, help="folder with wikitext2/, piqa/, ... (default: ../shared/data)")
     q.add_argument("--option", action="append", metavar="METHOD:KEY=VALUE",
                    help="extra compress option for one method, e.g. sleb:score_rows=32 (repeatable)")
-    q.add_argument("--ppl-windows", type=int, default=40)
+    q.add_argument("--ppl-windows", type=int, default=40, help="WikiText-2 windows of 512 tokens (default: 40)")
     q.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: on a shared CPU one thread is several times faster than two)")
     q.add_argument("--keep-models", action="store_true", help="keep the compressed checkpoints under OUT/models/")

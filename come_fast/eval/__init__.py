@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 from typing import Iterable, Mapping, Optional
 
-from .perplexity import WIKITEXT2_TEST, check_windows, wikitext2_perplexity, wikitext2_perplexity_details
+from .perplexity import (WIKITEXT2_TEST, check_batch_size, check_windows, wikitext2_perplexity,
+                         wikitext2_perplexity_details)
 from .tasks import TASKS, check_files, check_limit, evaluate_task, get_task, load_examples
 
 PERPLEXITY_TASK = "wikitext2"
@@ -64,12 +65,14 @@ def _check_data(tasks: Iterable[str], data_dir: Path) -> None:
 
 def evaluate(model, tokenizer, tasks: Iterable[str] = ALL_TASKS, data_dir=None, limit: Optional[int] = None,
              ppl_windows: Optional[int] = 40, progress: bool = True, baseline: Optional[Mapping] = None,
-             ppl_seq_len: int = 512) -> dict:
+             ppl_seq_len: int = 512, batch_size: int = 1) -> dict:
     """Evaluate ``model`` on ``tasks``.
 
     ``limit=N`` keeps the first N examples of each zero-shot task (the dev slice
     is 200); ``ppl_windows`` is the number of 512-token WikiText-2 windows
-    (None: the whole test set). With ``baseline`` (an earlier result of this
+    (None: the whole test set), ``batch_size`` of them per forward pass (the
+    zero-shot tasks score one example at a time, its choices as one batch
+    sharing the context's cache). With ``baseline`` (an earlier result of this
     function for the dense model) the result also carries the above-chance share.
 
     Returns::
@@ -84,6 +87,7 @@ def evaluate(model, tokenizer, tasks: Iterable[str] = ALL_TASKS, data_dir=None, 
     names = _check_task_names(tasks)
     check_limit(limit)
     check_windows(ppl_windows)
+    check_batch_size(batch_size)
     if tokenizer is None:
         raise ValueError("evaluation needs the model's tokenizer, and none was found: the model folder holds no "
                          "tokenizer files (save one beside the checkpoint) and none was passed (tokenizer=)")
@@ -95,7 +99,7 @@ def evaluate(model, tokenizer, tasks: Iterable[str] = ALL_TASKS, data_dir=None, 
         if name == PERPLEXITY_TASK:
             t0 = time.perf_counter()
             d = wikitext2_perplexity_details(model, tokenizer, data_dir, seq_len=ppl_seq_len, windows=ppl_windows,
-                                             progress=progress)
+                                             progress=progress, batch_size=batch_size)
             per_task[name] = {"ppl": d["ppl"], "windows": d["windows"], "tokens": d["tokens"],
                               "seconds": round(time.perf_counter() - t0, 3)}
         else:
