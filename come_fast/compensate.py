@@ -212,6 +212,7 @@ class RefitReport:
     tokens: int
     alphas_tried: dict = field(default_factory=dict)  # held-out residual per ridge, every column taking it
     alpha_columns: dict = field(default_factory=dict)  # output columns per ridge chosen ("keep": as it was)
+    space: Optional[str] = None       # "down" (all of down_proj) or "map" (a d x d map on the MLP output)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -221,11 +222,12 @@ WEIGHTINGS = ("none", "rms")
 
 
 def down_equations(adapter: Adapter, stream, layer, x: torch.Tensor, target: torch.Tensor,
-                   heldout: Sequence[int], weighting: str = "none"
-                   ) -> tuple[NormalEquations, NormalEquations, float, torch.Tensor]:
+                   heldout: Sequence[int], weighting: str = "none", maps: bool = False):
     """Run ``layer`` on inputs ``x`` [n, T, d] batch by batch and accumulate the
     equations of its down_proj for targets ``target``: (fit rows, held-out rows,
-    sum of ||target - x||^2 (the layer's job, for relative residuals), outputs).
+    sum of ||target - x||^2 (the layer's job, for relative residuals), outputs,
+    and with ``maps`` the same two for the map: features the MLP output m,
+    residual target - (y - m), else None).
     ``weighting="rms"``: each token's squared error divided by its target's mean
     square, the scale the next layer's RMSNorm removes (otherwise the few tokens
     with massive activations decide the fit)."""
@@ -235,6 +237,7 @@ def down_equations(adapter: Adapter, stream, layer, x: torch.Tensor, target: tor
     I, d = down.in_features, down.out_features
     dev = down.weight.device
     fit, held = NormalEquations.zeros(I, d, dev), NormalEquations.zeros(I, d, dev)
+    mfit, mheld = (NormalEquations.zeros(d, d, dev), NormalEquations.zeros(d, d, dev)) if maps else (None, None)
     held_set = set(heldout)
     seen = {}
 
@@ -252,32 +255,35 @@ def down_equations(adapter: Adapter, stream, layer, x: torch.Tensor, target: tor
                 y = stream.forward_layer(layer, xb)
                 outs.append(y)
                 tb = target[i:i + stream.bs].to(dev).float()
-                R = tb - (y.float() - seen["m"].float())
-                if bias is not None:
-                    R = R - bias.float()
+                m = seen["m"].float()
+                Rm = tb - (y.float() - m)
+                R = Rm - bias.float() if bias is not None else Rm
                 a_ = seen["a"].float()
                 D = tb - xb.float()
                 if weighting == "rms":
                     w = tb.pow(2).mean(-1, keepdim=True).clamp_min(1e-12).rsqrt()
-                    a_, R, D = a_ * w, R * w, D * w
+                    a_, R, D, m, Rm = a_ * w, R * w, D * w, m * w, Rm * w
                 job += float(D.double().pow(2).sum())
                 rows = [i + j in held_set for j in range(xb.shape[0])]
-                for part, keep in ((held, True), (fit, False)):
+                for part, mpart, keep in ((held, mheld, True), (fit, mfit, False)):
                     sel = [j for j, h in enumerate(rows) if h == keep]
                     if sel:
                         part.add(a_[sel], R[sel])
+                        if maps:
+                            mpart.add(m[sel], Rm[sel])
     finally:
         h.remove()
-    return fit, held, job, torch.cat(outs)
+    return fit, held, job, torch.cat(outs), (mfit, mheld) if maps else None
 
 
 SELECTS = ("column", "layer")
+FITS = ("down", "map", "best")
 
 
 def refit_down(adapter: Adapter, stream, layer, x: torch.Tensor, target: torch.Tensor, *,
                alphas: Sequence[float] = ALPHAS, holdout: float = HOLDOUT, weighting: str = "none",
                select: str = "layer", index: int = -1, target_boundary: int = -1,
-               solve_on: str = "all") -> RefitReport:
+               solve_on: str = "all", fit: str = "down") -> RefitReport:
     """Refit ``layer``'s down_proj in place (see the module docstring) and
     return the report; residuals are relative to ||target - x||^2, the part of
     the target the layer has to produce.
@@ -292,31 +298,56 @@ def refit_down(adapter: Adapter, stream, layer, x: torch.Tensor, target: torch.T
     ``solve_on="all"``: once the ridge is chosen, solve on every row (the
     held-out ones too). ``"fit"``: solve on the fit rows only, so that the
     held-out rows stay unseen by the refit (CoMe's search judges candidates on
-    them)."""
+    them).
+
+    ``fit``: which weights are free. "down": all of down_proj (I unknowns per
+    output column). "map": ReplaceMe's d x d map on the MLP output, folded
+    into down_proj (W' = T^T W, ridge toward T = I: d unknowns per column, a
+    smaller space that can only recombine the directions the layer already
+    writes). "best": both offered, the held-out residual chooses (the two
+    residuals are the same quantity, ||target - output||^2)."""
     if any(not (isinstance(al, (int, float)) and al > 0 and math.isfinite(al)) for al in alphas) or not alphas:
         raise CompensationError(f"ridge values must be positive and finite, got {list(alphas)!r}")
     if select not in SELECTS:
         raise CompensationError(f"select must be one of {SELECTS}, got {select!r}")
     if solve_on not in ("all", "fit"):
         raise CompensationError(f"solve_on must be 'all' or 'fit', got {solve_on!r}")
+    if fit not in FITS:
+        raise CompensationError(f"fit must be one of {FITS}, got {fit!r}")
     heldout = holdout_rows(x.shape[0], holdout)
-    fit, held, job, _ = down_equations(adapter, stream, layer, x, target, heldout, weighting)
+    fitq, held, job, _, meqs = down_equations(adapter, stream, layer, x, target, heldout, weighting,
+                                              maps=fit != "down")
     down = adapter.part(layer, "down")
     W0t = down.weight.detach().T.double()
-    allq = fit + held
+    d = W0t.shape[1]
+    eye = torch.eye(d, dtype=torch.float64, device=W0t.device)
+    allq = fitq + held
     job = max(job, 1e-30)
-    scale = float(allq.G.diagonal().mean())
+    # the choices: (key, space, alpha); space "down" solves for W^T, "map" for T (W^T = W0^T T)
+    spaces = [sp for sp in ("down", "map") if fit in (sp, "best")]
+    scales = {"down": float(allq.G.diagonal().mean())}
+    if meqs is not None:
+        mall = meqs[0] + meqs[1]
+        scales["map"] = float(mall.G.diagonal().mean())
+    systems = {"down": (fitq, held, W0t), "map": (meqs[0], meqs[1], eye) if meqs is not None else None}
+    choices = [(f"{'map:' if sp == 'map' else ''}{float(al)}", sp, al) for sp in spaces for al in sorted(alphas)]
     before = allq.residual(W0t) / job
+
+    def as_down(sp: str, sol: torch.Tensor) -> torch.Tensor:
+        return sol if sp == "down" else W0t @ sol
+
     if not heldout:  # too few rows to hold any apart: the smallest ridge offered, for every column
-        choice = torch.full((W0t.shape[1],), min(alphas), dtype=torch.float64)
+        choice = torch.zeros(W0t.shape[1], dtype=torch.long)
+        choices = [c for c in choices if c[2] == min(alphas)][:1]
         tried = {}
         held_before = held_after = None
     else:
-        keys = [math.inf] + sorted(alphas)  # inf: no refit
-        cols = [held.residual_cols(W0t)] + [held.residual_cols(solve_ridge(fit, W0t, al * scale)[0])
-                                             for al in sorted(alphas)]
+        cols = [held.residual_cols(W0t)]
+        for _, sp, al in choices:
+            f_, h_, init = systems[sp]
+            cols.append(h_.residual_cols(solve_ridge(f_, init, al * scales[sp])[0]))
         cols = torch.stack(cols)  # [choices, columns]
-        tried = {("keep" if k == math.inf else str(k)): float(c.sum()) / job for k, c in zip(keys, cols)}
+        tried = {k: float(c.sum()) / job for k, c in zip(["keep"] + [c[0] for c in choices], cols)}
         # a refit must beat the weight as it is by more than rounding (1e-9 of the column's target energy)
         margin = torch.zeros_like(cols)
         margin[0] = -1e-9 * held.s_cols
@@ -324,43 +355,56 @@ def refit_down(adapter: Adapter, stream, layer, x: torch.Tensor, target: torch.T
             pick = (cols + margin).argmin(0)
         else:
             pick = torch.full((cols.shape[1],), int((cols + margin).sum(1).argmin()), dtype=torch.long)
-        choice = torch.tensor([keys[i] for i in pick.tolist()], dtype=torch.float64)
         held_before = tried["keep"]
         held_after = float(cols.gather(0, pick[None]).sum()) / job
-    counts = {("keep" if k == math.inf else str(k)): int((choice == k).sum()) for k in sorted(set(choice.tolist()))}
+        choice = pick - 1  # -1: keep, else an index into choices
+    names = ["keep"] + [c[0] for c in choices]
+    counts = {names[i + 1]: int((choice == i).sum()) for i in sorted(set(choice.tolist()))}
     top = max(counts, key=counts.get)
-    rep = RefitReport(layer=index, target_boundary=target_boundary, alpha=None if top == "keep" else float(top),
-                      ridge=None, solver=None, residual_before=before, residual_after=before,
-                      heldout_before=held_before, heldout_after=held_after, tokens=allq.tokens,
-                      alphas_tried=tried, alpha_columns=counts)
+    top_choice = None if top == "keep" else next(c for c in choices if c[0] == top)
+    rep = RefitReport(layer=index, target_boundary=target_boundary,
+                      alpha=None if top_choice is None else float(top_choice[2]), ridge=None, solver=None,
+                      residual_before=before, residual_after=before, heldout_before=held_before,
+                      heldout_after=held_after, tokens=allq.tokens, alphas_tried=tried, alpha_columns=counts,
+                      space=None if top_choice is None else top_choice[1])
     if all(k == "keep" for k in counts):
         return rep
     Wt = W0t.clone()
+    bias = down.bias
+    b_new = None if bias is None else bias.detach().double().clone()
+    after_cols = allq.residual_cols(W0t)  # per output column, on all rows; the refit columns replaced below
     solvers = set()
-    system = fit if solve_on == "fit" and heldout else allq
-    for al in sorted(set(choice.tolist()) - {math.inf}):
-        sol, solver = solve_ridge(system, W0t, al * scale)
+    for i in sorted(set(choice.tolist()) - {-1}):
+        _, sp, al = choices[i]
+        f_, h_, init = systems[sp]
+        system = f_ if solve_on == "fit" and heldout else f_ + h_
+        sol, solver = solve_ridge(system, init, al * scales[sp])
         solvers.add(solver)
-        cols_al = choice == al
-        Wt[:, cols_al] = sol[:, cols_al]
-    rep.ridge = None if rep.alpha is None else rep.alpha * scale
+        cols_i = choice == i
+        Wt[:, cols_i] = as_down(sp, sol)[:, cols_i]
+        after_cols[cols_i] = (f_ + h_).residual_cols(sol)[cols_i]
+        if sp == "map" and bias is not None:  # the map acts on the MLP output, bias included
+            b_new[cols_i] = (bias.detach().double() @ sol)[cols_i]
+    rep.ridge = None if top_choice is None else top_choice[2] * scales[top_choice[1]]
     rep.solver = "+".join(sorted(solvers))
-    rep.residual_after = allq.residual(Wt) / job
+    rep.residual_after = float(after_cols.sum()) / job
     with torch.no_grad():
         down.weight.copy_(Wt.T.to(down.weight.dtype))
+        if b_new is not None:
+            down.bias.copy_(b_new.to(down.bias.dtype))
     return rep
 
 
 def refit_settings(options: dict) -> dict:
     """``refit_down``'s keyword settings from compress's ``ls_*`` options (validated there)."""
     return {"alphas": tuple(options.get("ls_alphas", ALPHAS)), "weighting": options.get("ls_weighting", "none"),
-            "select": options.get("ls_select", "layer")}
+            "select": options.get("ls_select", "layer"), "fit": options.get("ls_fit", "down")}
 
 
 def compensate_model(adapter: Adapter, stream, teacher: TeacherStates, provenance: list, n_original: int, *,
                      layers: Optional[Sequence[int]] = None, alphas: Sequence[float] = ALPHAS,
                      holdout: float = HOLDOUT, weighting: str = "none", select: str = "layer",
-                     progress=None) -> list[dict]:
+                     fit: str = "down", progress=None) -> list[dict]:
     """Refit, bottom-up, the down_proj of each changed student layer (or of
     ``layers``) on its real input in the compressed model, toward the teacher's
     state after its span. ``stream``: a LayerStream over the compressed model
@@ -378,7 +422,7 @@ def compensate_model(adapter: Adapter, stream, teacher: TeacherStates, provenanc
             layer = stack[k] = copy.deepcopy(layer)  # a kept layer may be the caller's own object: refit a copy
             end = sp[k][1]
             rep = refit_down(adapter, stream, layer, x, teacher[end], alphas=alphas, holdout=holdout,
-                             weighting=weighting, select=select, index=k, target_boundary=end)
+                             weighting=weighting, select=select, index=k, target_boundary=end, fit=fit)
             reports.append(rep.as_dict())
         if k + 1 < L:
             with torch.inference_mode():

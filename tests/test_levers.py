@@ -235,6 +235,48 @@ def test_refit_solved_on_the_fit_rows_leaves_the_held_out_rows_unseen():
         refit_down(a, stream, layer, x, target, solve_on="held")
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_refit_map_is_replacemes_map_folded(family):
+    """fit="map": down_proj becomes T^T W0 with T the ridge solution (toward I)
+    of ||t - (y - m) - m T||^2 over all rows, m the MLP output, for the ridge
+    the held-out rows chose among the offered ones (both computed here with
+    lstsq on hooked features); fit="best" takes whichever of the map and the
+    full refit has the smaller held-out residual."""
+    a, stream, x, layer, target = _deletion_case(family)
+    A, R = _features(a, layer, x, stream, target)
+    W0 = layer.mlp.down_proj.weight.detach().double()
+    b = layer.mlp.down_proj.bias
+    M = (A @ W0.T + (b.double() if b is not None else 0))           # the MLP output, bias included
+    Rm = R + (b.double() if b is not None else 0)                   # target - (y - m)
+    held = holdout_rows(24)
+    fit = [i for i in range(24) if i not in held]
+    flat = lambda t, rows: t[rows].reshape(-1, t.shape[-1])
+    eye = torch.eye(W0.shape[0], dtype=torch.float64)
+    alphas = (1e-2, 1.0, 100.0)
+    scale = float((flat(M, list(range(24))).T @ flat(M, list(range(24)))).diagonal().mean())
+    held_err = {al: float((flat(Rm, held) - flat(M, held) @ _ridge(flat(M, fit), flat(Rm, fit), eye, al * scale))
+                          .pow(2).sum()) for al in alphas}
+    best = min(alphas, key=held_err.get)
+    assert held_err[best] < float((flat(Rm, held) - flat(M, held)).pow(2).sum())  # the map wins over keeping W0
+    T = _ridge(flat(M, list(range(24))), flat(Rm, list(range(24))), eye, best * scale)
+    snapshot = copy.deepcopy(layer)
+    rep = refit_down(a, stream, layer, x, target, alphas=alphas, fit="map")
+    assert rep.space == "map" and rep.alpha == best and rep.alpha_columns == {f"map:{float(best)}": W0.shape[0]}
+    torch.testing.assert_close(layer.mlp.down_proj.weight.detach().double(), T.T @ W0, rtol=1e-4, atol=1e-5)
+    if b is not None:
+        torch.testing.assert_close(layer.mlp.down_proj.bias.detach().double(), b.double() @ T, rtol=1e-4, atol=1e-5)
+    job = float((target.double() - x.double()).pow(2).sum())
+    assert rep.residual_after == pytest.approx(float((flat(Rm, list(range(24))) - flat(M, list(range(24))) @ T)
+                                                     .pow(2).sum()) / job, rel=1e-5)
+    rep_down = refit_down(a, stream, copy.deepcopy(snapshot), x, target, alphas=alphas, fit="down")
+    rep_best = refit_down(a, stream, snapshot, x, target, alphas=alphas, fit="best")
+    want = "map" if held_err[best] / job < rep_down.heldout_after else "down"
+    assert rep_best.space == want
+    assert rep_best.heldout_after == pytest.approx(min(held_err[best] / job, rep_down.heldout_after), rel=1e-6)
+    with pytest.raises(CompensationError, match="fit"):
+        refit_down(a, stream, layer, x, target, fit="both")
+
+
 def test_refit_keeps_the_weight_when_held_out_rows_say_so():
     """A target the layer already meets exactly: every ridge only adds noise
     on the held-out rows, so the weight is kept."""
