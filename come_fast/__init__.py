@@ -2,5 +2,15 @@
 from .api import CompressionResult, compress, evaluate, load, save
 from .models import load_model
 
-__all__ = ["compress", "save", "load", "load_model", "evaluate", "CompressionResult"]
+__all__ = ["compress", "save", "load", "load_model", "evaluate", "optimize_for_inference", "CompressionResult"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # Lazy: come_fast.runtime loads the optional C++ extension, which a plain
+    # ``import come_fast`` should not do.
+    if name == "optimize_for_inference":
+        from .runtime import optimize_for_inference
+
+        return optimize_for_inference
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,5 @@
-"""Command line: ``come-fast compress``, ``come-fast eval`` and ``come-fast bench quality``. Calls the API only."""
+"""Command line: ``come-fast compress``, ``come-fast eval``, ``come-fast bench quality`` and
+``come-fast bench serving``. Calls the API only."""
 from __future__ import annotations
 
 import argparse
@@ -197,10 +198,18 @@ def _check_args(args) -> None:
         at_least("--threads", args.threads, 1, "a positive integer")
     if args.cmd in ("compress", "eval"):
         args.device = resolve_device(args.device)  # before the model loads
-    if args.cmd == "bench":
+    if args.cmd == "bench" and args.bench == "quality":
         at_least("--limit", args.limit, 1, "a positive integer (the first N examples of each task)")
         at_least("--ppl-windows", args.ppl_windows, 1, "a positive integer (WikiText-2 windows)")
         at_least("--threads", args.threads, 1, "a positive integer")
+    if args.cmd == "bench" and args.bench == "serving":
+        at_least("--threads", args.threads, 1, "a positive integer")
+        at_least("--runs", args.runs, 1, "a positive integer (timed runs per figure)")
+        at_least("--warmup", args.warmup, 0, "a non-negative integer")
+        at_least("--prefill-len", args.prefill_len, 1, "a positive integer (tokens per prefill row)")
+        at_least("--prompt-len", args.prompt_len, 1, "a positive integer (prompt tokens before decoding)")
+        at_least("--new-tokens", args.new_tokens, 2, "at least 2 (decode is timed from the first new token to the last)")
+        args.device = resolve_device(args.device)
 
 
 def _parse_value(key: str, value: str, text: str, example: str) -> tuple[str, object]:
@@ -261,6 +270,41 @@ def _bench_quality(args) -> int:
     print(f"{len(sweep.cells())} cells, {len(todo)} pieces of work left; results in {sweep.out}/")
     sweep.run()
     print(f"wrote {sweep.out / 'quality.csv'}, {sweep.out / 'quality.md'}, {sweep.out / 'quality.png'}")
+    return 0
+
+
+def _batches(flag: str):
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(t) for t in text.split(",") if t.strip()]
+        except ValueError:
+            values = []
+        if not values or any(v < 1 for v in values):
+            raise argparse.ArgumentTypeError(f"{flag} {text!r}: expected comma-separated positive integers, e.g. 1,8")
+        return values
+    return parse
+
+
+def _bench_serving(args) -> int:
+    from . import serving
+
+    prefill = [(b, args.prefill_len) for b in args.prefill_batches]
+    record = serving.serving(args.model, baseline=args.baseline, threads=args.threads, runs=args.runs,
+                             warmup=args.warmup, prefill=prefill, decode_batches=args.decode_batches,
+                             new_tokens=args.new_tokens, prompt_len=args.prompt_len,
+                             optimize=not args.no_optimize, dtype=_torch_dtype(args.dtype), device=args.device,
+                             seed=args.seed, log=(lambda *a: None) if args.quiet else print)
+    table = serving.to_markdown(record)
+    print(table)
+    if args.out:
+        from .eval import write_json_atomic
+
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(record, out)
+        md = out.with_suffix(".md")
+        md.write_text(table + "\n")
+        print(f"wrote {out} and {md}")
     return 0
 
 
@@ -354,6 +398,38 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.add_argument("--verbose", action="store_true", help="inner progress bars (compression, evaluation)")
     q.set_defaults(fn=_bench_quality)
+
+    from . import serving as sv
+
+    sv_help = ("prefill and decode tokens/s of each model (and of the baseline), with and without "
+               "come_fast.optimize_for_inference; each figure the median of --runs runs")
+    s = bsub.add_parser("serving", help=sv_help, description=sv_help)
+    s.add_argument("--model", action="append", required=True, metavar="DIR",
+                   help="a checkpoint folder (come_fast.save output) or smollm2-135m; repeatable")
+    s.add_argument("--baseline", default=None, metavar="DIR",
+                   help="the dense model: measured speed-ups over it are printed beside the ideal ones")
+    s.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads, fixed for every run (default: torch's, recorded in the JSON)")
+    s.add_argument("--runs", type=int, default=sv.RUNS, help=f"timed runs per figure, the median is reported "
+                                                             f"(default: {sv.RUNS})")
+    s.add_argument("--warmup", type=int, default=sv.WARMUP, help=f"untimed runs first (default: {sv.WARMUP})")
+    s.add_argument("--prefill-batches", type=_batches("--prefill-batches"),
+                   default=[b for b, _ in sv.PREFILL], help="prefill batch sizes (default: 1,8)")
+    s.add_argument("--prefill-len", type=int, default=sv.PREFILL[0][1],
+                   help=f"tokens per prefill row (default: {sv.PREFILL[0][1]})")
+    s.add_argument("--decode-batches", type=_batches("--decode-batches"), default=list(sv.DECODE_BATCHES),
+                   help="decode batch sizes (default: 1,16)")
+    s.add_argument("--new-tokens", type=int, default=sv.NEW_TOKENS,
+                   help=f"tokens each decode run generates, exactly (default: {sv.NEW_TOKENS})")
+    s.add_argument("--prompt-len", type=int, default=sv.PROMPT_LEN,
+                   help=f"prompt tokens before decoding (default: {sv.PROMPT_LEN})")
+    s.add_argument("--no-optimize", action="store_true", help="time the plain models only")
+    s.add_argument("--device", type=_device_arg, default="cpu", help="where the models run: cpu (the default), cuda, cuda:N, or auto")
+    s.add_argument("--dtype", default="float32", choices=DTYPES, help="the weights' dtype (default: float32)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the random token ids (default: 0)")
+    s.add_argument("--out", default=None, help="write JSON (and a .md table beside it)")
+    s.add_argument("--quiet", action="store_true", help="only the table")
+    s.set_defaults(fn=_bench_serving)
     return p
 
 

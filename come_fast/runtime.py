@@ -22,7 +22,9 @@ This module
   the two ``[N, I]`` GEMMs in backward instead of saving them);
 * exposes :data:`EXTENSION_AVAILABLE`, :func:`swiglu_mlp` (op, or plain
   PyTorch when the extension, the device kernel or the dtype is missing, or
-  autocast is on) and :func:`use_fused_mlp` / :func:`restore_mlp`.
+  autocast is on) and :func:`use_fused_mlp` / :func:`restore_mlp`, and
+  :func:`optimize_for_inference` (public as ``come_fast.optimize_for_inference``:
+  :func:`use_fused_mlp` where the op can run, else a warning and no change).
 
 It imports cleanly without the extension.
 """
@@ -43,6 +45,7 @@ __all__ = [
     "EXTENSION_ERROR",
     "OP_NAME",
     "extension_devices",
+    "optimize_for_inference",
     "restore_mlp",
     "swiglu_mlp",
     "swiglu_mlp_reference",
@@ -365,3 +368,57 @@ def restore_mlp(model: nn.Module) -> int:
         del mod.__dict__[_FUSED_FLAG]
         n += 1
     return n
+
+
+def _unusable_reason(device_type: str) -> str:
+    if not EXTENSION_AVAILABLE:
+        return f"come_fast._C is not available: {EXTENSION_ERROR or 'not loaded'}"
+    built = ", ".join(extension_devices()) or "no device"
+    return f"come_fast._C has no {device_type} kernel (built for {built})"
+
+
+def optimize_for_inference(model: nn.Module) -> nn.Module:
+    """Route every SwiGLU MLP of ``model`` through the C++ extension op
+    ``come_fast::swiglu_mlp``, whatever its intermediate width (merged and
+    pruned layers of different widths included), and return ``model`` (patched
+    in place: :func:`use_fused_mlp`; undo with :func:`restore_mlp`).
+
+    Outputs are unchanged up to float rounding; what changes is speed (the
+    silu*mul step fused in place, two ``[N, I]`` buffers fewer per MLP).
+    Where the op cannot run on the model's device (extension not built,
+    disabled by ``COME_FAST_DISABLE_EXT=1``, a CPU-only build with the model on
+    CUDA) this is a no-op that warns (``RuntimeWarning``) and returns the model
+    unchanged; it also warns when no MLP qualifies (GELU, biased or quantised
+    projections: see :func:`use_fused_mlp`).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"optimize_for_inference expects a torch.nn.Module, got {type(model).__name__}")
+    devices = sorted({p.device.type for p in model.parameters()})
+    usable = [d for d in devices if _has_kernel(d)]
+    if not usable:
+        why = "; ".join(_unusable_reason(d) for d in devices) or "the model has no parameters"
+        fix = (f"unset {DISABLE_ENV}" if _env_flag(DISABLE_ENV) else
+               "build the extension with `pip install --no-build-isolation -e .` (with CUDA torch and nvcc "
+               "for a CUDA kernel)")
+        warnings.warn(
+            f"optimize_for_inference: {why}. The model is returned unchanged (plain PyTorch MLPs); {fix}.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return model
+    for d in devices:
+        if d not in usable:
+            warnings.warn(
+                f"optimize_for_inference: {_unusable_reason(d)}; the MLPs on {d} keep running plain PyTorch",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    use_fused_mlp(model)
+    if not any(m.__dict__.get(_FUSED_FLAG, False) for m in model.modules()):
+        warnings.warn(
+            "optimize_for_inference: no MLP of this model qualifies (gate_proj/up_proj/down_proj as plain "
+            "bias-free nn.Linear with a SiLU act_fn); the model is returned unchanged",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return model
