@@ -11,11 +11,16 @@ Stages
     kernels/ mapped to come_fast.kernels, with a stub parent package if
     come_fast's own imports need packages this machine lacks)
  2. tests/test_kernels.py compiled on CUDA (TRITON_INTERPRET=0; fp32/bf16/fp16,
-    per-dtype tolerances in the test module)
+    per-dtype tolerances in the test module); 2b. tests/test_fused_kl.py on CUDA (the
+    fused linear + KL loss, Triton and PyTorch paths, fp32 and the bf16 tests that
+    only run on a GPU)
  3. CUDA-event timings, 7B-class shapes in bf16, L2 flushed before each
     iteration: device copy bandwidth (copy_ of 1 GiB), then torch vs Triton for
     accumulate_abs_ / finalize_scores / gather_concat, with correctness checks;
     a small block-size sweep of accumulate_abs_
+ 3b. the fused linear + KL loss against the naive one, bf16, N = 4096, d = 4096,
+    V = 49,152 and 128,256: CUDA-event time and peak allocated memory of forward +
+    backward (the issue's bar: fused peak at most a third of the naive at 128,256)
  4. (--pytest-bench) benchmarks/bench_kernels.py on CUDA
  5. the C++/CUDA extension: ``COME_FAST_SKIP_EXT=0 pip install --no-build-isolation
     --no-deps -e .``, then ``python setup.py build_ext --inplace`` if that failed;
@@ -103,7 +108,8 @@ def run_cmd(cmd, timeout, env=None, cwd=ROOT, tail=4000):
     return rc, out
 
 
-SUMMARY: dict = {"stages": {}, "env": {}, "tests": None, "copy": None, "rows": [], "sweep": [], "ext": None}
+SUMMARY: dict = {"stages": {}, "env": {}, "tests": None, "tests_fused": None, "copy": None, "rows": [], "sweep": [],
+                 "fused_kl": [], "ext": None}
 
 
 def stage(name):
@@ -220,12 +226,11 @@ def stage_import():
 # --------------------------------------------------------------------------- #
 # stage 2: tests on CUDA
 # --------------------------------------------------------------------------- #
-@stage("2 tests/test_kernels.py on CUDA")
-def stage_tests(timeout):
-    junit = os.path.join(SHIM_DIR, "junit.xml")
+def _pytest_on_cuda(test_file, timeout, key):
+    junit = os.path.join(SHIM_DIR, f"junit_{key}.xml")
     env = dict(os.environ, TRITON_INTERPRET="0",
                PYTHONPATH=os.pathsep.join([SHIM_DIR, ROOT, os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "pytest", "tests/test_kernels.py", "-q", "-rfEs", "-p", "no:cacheprovider",
+    cmd = [sys.executable, "-m", "pytest", test_file, "-q", "-rfEs", "-p", "no:cacheprovider",
            "-p", "come_fast_gpu_shim", f"--junitxml={junit}"]
     t = time.time()
     rc, out = run_cmd(cmd, timeout, env=env, tail=6000)
@@ -237,10 +242,20 @@ def stage_tests(timeout):
             res[k] = int(suite.get(k, 0))
     except Exception as exc:
         res["parse_error"] = str(exc)
-    SUMMARY["tests"] = res
+    SUMMARY[key] = res
     log(f"  tests: {res}")
     if rc != 0:
         raise RuntimeError(f"pytest rc={rc}")
+
+
+@stage("2 tests/test_kernels.py on CUDA")
+def stage_tests(timeout):
+    _pytest_on_cuda("tests/test_kernels.py", timeout, "tests")
+
+
+@stage("2b tests/test_fused_kl.py on CUDA")
+def stage_tests_fused(timeout):
+    _pytest_on_cuda("tests/test_fused_kl.py", timeout, "tests_fused")
 
 
 # --------------------------------------------------------------------------- #
@@ -437,6 +452,84 @@ def stage_timings(K, do_sweep=True):
 
 
 # --------------------------------------------------------------------------- #
+# stage 3b: fused linear + KL loss against the naive one
+# --------------------------------------------------------------------------- #
+@stage("3b fused linear + KL vs naive (bf16, memory and time)")
+def stage_fused_kl(K):
+    import torch
+    import torch.nn.functional as F
+
+    torch_path = None
+    try:  # the PyTorch chunked path, when come_fast's own modules import here
+        from come_fast.linear_kl import torch_linear_kl as torch_path
+    except Exception as exc:
+        log(f"  PyTorch chunked path not importable ({exc}); Triton path only")
+    if SMOKE:
+        dev, dt, N, d, vocabs = torch.device("cpu"), torch.float32, 64, 48, (1031,)
+    else:
+        if not torch.cuda.is_available():
+            raise RuntimeError("no CUDA device")
+        dev, dt, N, d, vocabs = torch.device("cuda"), torch.bfloat16, 4096, 4096, (49152, 128256)
+
+    def measure(fn):
+        """(ms of forward + backward, peak bytes allocated beyond the inputs, loss, grad_h)."""
+        h.grad = None
+        if SMOKE:
+            t = time.perf_counter()
+            loss = fn()
+            loss.backward()
+            return (time.perf_counter() - t) * 1e3, 0, float(loss.detach()), h.grad.float()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        loss = fn()
+        loss.backward()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        grad = h.grad.float()
+        ms = _cuda_ms(torch, lambda: fn().backward(), iters=5, warmup=1)
+        return ms, peak, float(loss), grad
+
+    for V in vocabs:
+        if remaining() < 40:
+            log(f"  linear_kl V={V}: skipped (budget)")
+            continue
+        g = torch.Generator(device="cpu").manual_seed(0)
+        h = torch.randn(N, d, generator=g).to(dev, dt).requires_grad_()
+        W = (torch.randn(V, d, generator=g) * (2.0 / d ** 0.5)).to(dev, dt)
+        t_h = torch.randn(N, d, generator=g).to(dev, dt)
+
+        def naive():
+            logits = F.linear(h, W).float()
+            with torch.no_grad():
+                tgt = F.linear(t_h, W).float()
+            return F.kl_div(F.log_softmax(logits, -1), F.log_softmax(tgt, -1), log_target=True, reduction="batchmean")
+
+        res = {"naive": measure(naive),
+               "fused triton": measure(lambda: K.linear_kl(h, W, teacher_hidden=t_h, teacher_weight=W))}
+        if torch_path is not None:
+            res["fused torch"] = measure(lambda: torch_path(h, W, teacher_hidden=t_h, teacher_weight=W))
+        ref_ms, ref_peak, ref_loss, ref_g = res["naive"]
+        for name, (ms, peak, loss, grad) in res.items():
+            rel = abs(loss - ref_loss) / abs(ref_loss)
+            gerr = ((grad - ref_g).norm() / ref_g.norm()).item()
+            row = dict(impl=name, shape=f"N{N} d{d} V{V} {str(dt).replace('torch.', '')}", ms=ms,
+                       peak_mib=peak / 2**20, ratio=(peak / ref_peak) if ref_peak else None,
+                       check=f"loss rel {rel:.1e}, grad_h rel {gerr:.1e}" + (" OK" if rel < 1e-2 and gerr < 2e-2 else " BAD"))
+            SUMMARY["fused_kl"].append(row)
+            log(f"  linear_kl {name:13s} {row['shape']:24s} {ms:9.3f} ms  peak {row['peak_mib']:9.1f} MiB  {row['check']}")
+        write_results()
+        del h, W, t_h
+    bad = [r for r in SUMMARY["fused_kl"] if r["check"].endswith("BAD")]
+    if bad:
+        raise RuntimeError(f"{len(bad)} fused linear + KL case(s) disagree with the naive loss")
+    big = [r for r in SUMMARY["fused_kl"] if r["impl"] == "fused triton" and "V128256" in r["shape"]]
+    if big and big[0]["ratio"] is not None and big[0]["ratio"] > 1 / 3:
+        raise RuntimeError(f"fused peak memory is {big[0]['ratio']:.2f} of the naive at V=128256 (bar: 1/3)")
+
+
+# --------------------------------------------------------------------------- #
 # stage 4: pytest-benchmark (optional)
 # --------------------------------------------------------------------------- #
 @stage("4 benchmarks/bench_kernels.py (pytest-benchmark)")
@@ -508,6 +601,11 @@ def _write_results():
         L.append(f"Kernel tests on CUDA (`tests/test_kernels.py`, TRITON_INTERPRET=0, fp32/bf16/fp16): "
                  f"{t.get('tests', '?')} tests, {t.get('failures', '?')} failures, {t.get('errors', '?')} errors, "
                  f"{t.get('skipped', '?')} skipped, rc={t['rc']}, {t['seconds']} s.\n")
+    t = SUMMARY["tests_fused"]
+    if t:
+        L.append(f"Fused linear + KL tests on CUDA (`tests/test_fused_kl.py`, TRITON_INTERPRET=0, fp32 + bf16): "
+                 f"{t.get('tests', '?')} tests, {t.get('failures', '?')} failures, {t.get('errors', '?')} errors, "
+                 f"{t.get('skipped', '?')} skipped, rc={t['rc']}, {t['seconds']} s.\n")
     c = SUMMARY["copy"]
     copy_gbs = None
     if c:
@@ -536,6 +634,15 @@ def _write_results():
         L.append("| block_c | block_t | ms | GB/s |\n| ---: | ---: | ---: | ---: |")
         for s in SUMMARY["sweep"]:
             L.append(f"| {s['block_c']} | {s['block_t']} | {s['ms']:.3f} | {s['gbs']:.0f} |")
+        L.append("")
+    if SUMMARY["fused_kl"]:
+        L.append("## Fused linear + KL loss vs naive (forward + backward, head frozen, CUDA events, median of 5)\n")
+        L.append("Peak = `torch.cuda.max_memory_allocated()` beyond the inputs. Naive = `loss_terms`' formula on "
+                 "materialised logits. Bar (issue 9): fused peak at most 1/3 of the naive at V = 128,256.\n")
+        L.append("| impl | shape | ms | peak MiB | peak / naive | check |\n| --- | --- | ---: | ---: | ---: | --- |")
+        for r in SUMMARY["fused_kl"]:
+            ratio = f"{r['ratio']:.3f}" if r["ratio"] is not None else "-"
+            L.append(f"| {r['impl']} | {r['shape']} | {r['ms']:.2f} | {r['peak_mib']:.0f} | {ratio} | {r['check']} |")
         L.append("")
     if SUMMARY["ext"]:
         L.append("## C++/CUDA extension build\n")
@@ -568,9 +675,11 @@ def main():
     K = stage_import()
     if not args.skip_tests:
         # leave room for the timings (~90 s) and the extension build
-        stage_tests(min(args.tests_timeout, max(30, remaining() - 150 - (0 if args.skip_ext else 60))))
+        stage_tests(min(args.tests_timeout, max(30, remaining() - 210 - (0 if args.skip_ext else 60))))
+        stage_tests_fused(min(120, max(30, remaining() - 150 - (0 if args.skip_ext else 60))))
     if K is not None:
         stage_timings(K, do_sweep=not args.no_sweep)
+        stage_fused_kl(K)
     if args.pytest_bench:
         stage_pytest_bench(min(180, max(30, remaining() - 90)))
     if not args.skip_ext:

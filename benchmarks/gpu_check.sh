@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One-shot GPU check of come_fast's Triton kernels + the C++/CUDA extension build,
+# One-shot GPU check of come_fast's Triton kernels (scores, gathers, the fused linear + KL
+# loss: its tests in fp32/bf16 and its memory/time against the naive loss) + the C++/CUDA extension build,
 # for a lent H200 (CUDA torch, triton, nvcc, ninja, pytest-benchmark preinstalled;
 # nothing gets installed from outside).  Run from anywhere:
 #

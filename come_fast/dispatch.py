@@ -3,13 +3,17 @@
 ``backend="auto"``: Triton when the tensors are on a CUDA device and Triton
 imports, PyTorch otherwise. ``"triton"`` forces Triton (on a CPU tensor only
 under ``TRITON_INTERPRET=1``, which is how the kernels are tested here).
-The PyTorch functions below are the reference semantics of the kernels.
+The PyTorch functions below are the reference semantics of the kernels; the
+chunked linear + KL loss's PyTorch path (an autograd op) is
+``come_fast.linear_kl.torch_linear_kl``, re-exported here.
 """
 from __future__ import annotations
 
 import os
 
 import torch
+
+from .linear_kl import torch_linear_kl  # noqa: F401  (the chunked linear + KL loss, PyTorch path)
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -87,7 +91,9 @@ class Ops:
             self.accumulate_abs_ = k.accumulate_abs_
             self.finalize_scores = k.finalize_scores
             self.gather_concat = k.gather_concat
+            self.linear_kl = k.linear_kl
         else:
             self.accumulate_abs_ = torch_accumulate_abs_
             self.finalize_scores = torch_finalize_scores
             self.gather_concat = torch_gather_concat
+            self.linear_kl = torch_linear_kl

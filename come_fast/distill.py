@@ -8,8 +8,14 @@ minimises
     + ce * CE(logits, labels)
 
 over whichever of those keys ``forward`` returns (weights are explicit; a term
-whose weight is 0 is not computed). It knows nothing about layers: the caller
-decides what is trained (``params``) and what the student and teacher are.
+whose weight is 0 is not computed). Instead of ``logits``, ``forward`` may
+return the head's input and the head (``head_input``, ``head_weight``,
+``head_bias``) and the teacher as ``logits_target`` or as its own head input
+and head (``head_input_target``, ``head_weight_target``, ``head_bias_target``):
+then the KL term is the fused chunked linear + KL op
+(``come_fast.dispatch.Ops.linear_kl``: the same value and gradients, without
+ever holding the [tokens, vocab] logits of either model). It knows nothing
+about layers: the caller decides what is trained (``params``) and what the student and teacher are.
 Used by Reverse's recovery fine-tune and LLM-Streamline's replacement layer;
 CoMe's hierarchical distillation can build on it (one call per layer group).
 
@@ -25,6 +31,8 @@ from typing import Callable, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
+
+from .dispatch import Ops
 
 
 @contextmanager
@@ -62,15 +70,34 @@ class DistillReport:
     settings: dict = field(default_factory=dict)
 
 
+def fused_kl(out: dict, temperature: float) -> torch.Tensor:
+    """T^2 KL(teacher || student), mean over tokens, from the head input and head
+    (``head_input``/``head_weight``/``head_bias``) and the teacher's ``logits_target``
+    or ``head_input_target``/``head_weight_target``/``head_bias_target``: the chunked
+    linear + KL op of the tensors' device (Triton on CUDA, PyTorch otherwise)."""
+    h = out["head_input"]
+    if "logits_target" in out:
+        teacher = {"teacher_logits": out["logits_target"]}
+    else:
+        teacher = {"teacher_hidden": out["head_input_target"], "teacher_weight": out["head_weight_target"],
+                   "teacher_bias": out.get("head_bias_target")}
+    return Ops("auto", h.device).linear_kl(h, out["head_weight"], out.get("head_bias"), temperature=temperature,
+                                           **teacher)
+
+
 def loss_terms(out: dict, w: LossWeights) -> dict:
     """The weighted terms of one batch (only those with a weight and their inputs present)."""
     terms = {}
     if w.mse and "hidden" in out:
         terms["mse"] = w.mse * F.mse_loss(out["hidden"].float(), out["hidden_target"].float())
+    if w.kl and "head_input" in out and "logits" not in out:
+        terms["kl"] = w.kl * fused_kl(out, w.temperature)
+    if w.ce and "head_input" in out and "logits" not in out:  # cross-entropy still needs the logits
+        out = {**out, "logits": F.linear(out["head_input"], out["head_weight"], out.get("head_bias"))}
     if (w.kl or w.ce) and "logits" in out:
         logits = out["logits"].float()
         logits = logits.reshape(-1, logits.shape[-1])
-        if w.kl:
+        if w.kl and "kl" not in terms:
             T = w.temperature
             tgt = out["logits_target"].float().reshape(-1, logits.shape[-1])
             terms["kl"] = w.kl * T * T * F.kl_div(F.log_softmax(logits / T, -1), F.log_softmax(tgt / T, -1),
@@ -90,8 +117,9 @@ def distill(forward: Callable[[torch.Tensor], dict], params: Iterable[torch.nn.P
     """Train ``params`` for ``steps`` AdamW steps on batches of the ``n`` examples.
 
     ``forward(idx)`` (idx: LongTensor of example indices) returns a dict with
-    some of ``hidden``/``hidden_target``, ``logits``/``logits_target``,
-    ``labels``; targets must not require grad. ``schedule``: "cosine" (to 0)
+    some of ``hidden``/``hidden_target``, ``logits``/``logits_target`` (or the
+    ``head_*`` keys of the fused KL, see the module docstring), ``labels``;
+    targets must not require grad. ``schedule``: "cosine" (to 0)
     or "constant", after ``warmup`` linear steps. ``progress``: True for a
     tqdm bar, or a callable ``(label, done, total)``.
     """

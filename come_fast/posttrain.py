@@ -14,7 +14,9 @@ states grow with depth (and carry a few huge activations), and without the
 scale the deepest layers alone would set the gradient. Only the decoder layers
 train; embeddings, final norm and head stay as they are (tied in SmolLM2), so
 the result is the same plain checkpoint. The teacher runs once over the
-calibration rows: its targets are cached, its head reapplied per batch.
+calibration rows: its targets are cached, its head reapplied per batch, chunk
+by chunk inside the fused linear + KL loss (``come_fast.linear_kl``), which
+never holds either model's [tokens, vocab] logits whole.
 
 This works after any whole-layer method (each keeps a provenance); CoMe is
 the one whose paper prescribes it. Training data: the calibration rows.
@@ -94,9 +96,16 @@ def hierarchical_distill(student: Adapter, teacher: Adapter, tokens: torch.Tenso
         out = {"hidden": torch.cat([o / s for o, s in zip(outs, scale)], -1),
                "hidden_target": torch.cat([targets[k][idx] / s for k, s in enumerate(scale)], -1)}
         if kl:
-            out["logits"] = student.lm_head(student.final_norm(last))
-            with torch.no_grad():
-                out["logits_target"] = torch.nn.functional.linear(t_final[idx], w_head, b_head)
+            head, h_last = student.lm_head, student.final_norm(last)
+            if type(head).forward is torch.nn.Linear.forward:
+                # the fused chunked linear + KL (distill.fused_kl): neither model's
+                # [tokens, vocab] logits are ever held whole
+                out.update(head_input=h_last, head_weight=head.weight, head_bias=head.bias,
+                           head_input_target=t_final[idx], head_weight_target=w_head, head_bias_target=b_head)
+            else:
+                out["logits"] = head(h_last)
+                with torch.no_grad():
+                    out["logits_target"] = torch.nn.functional.linear(t_final[idx], w_head, b_head)
         return out
 
     # the mean over the concatenation is the mean of the per-layer scaled MSEs (same width each)

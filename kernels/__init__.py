@@ -3,7 +3,9 @@
 * ``channel_score``: ``accumulate_abs_``, ``finalize_scores``, ``column_l1_norm``
   (CoMe's MLP-channel and attention-group sensitivities);
 * ``gather_concat``: ``gather_concat``, ``gather_concat_many`` (building a
-  merged layer's weights from two source layers, bit-exact copies).
+  merged layer's weights from two source layers, bit-exact copies);
+* ``linear_kl``: ``linear_kl`` (the chunked linear + KL distillation loss, an
+  autograd op; never the full [tokens, vocab] logits).
 
 Importing this package never raises: when triton (or a kernel module) cannot
 be imported, ``TRITON_AVAILABLE`` is False, ``TRITON_IMPORT_ERROR`` holds the
@@ -20,12 +22,14 @@ finalize_scores = None
 column_l1_norm = None
 gather_concat = None
 gather_concat_many = None
+linear_kl = None
 
 try:
     import triton  # noqa: F401
 
     from .channel_score import accumulate_abs_, column_l1_norm, finalize_scores
     from .gather_concat import gather_concat, gather_concat_many
+    from .linear_kl import linear_kl
 
     TRITON_AVAILABLE = True
 except Exception as _exc:  # ImportError, or a broken triton install
@@ -49,5 +53,6 @@ __all__ = [
     "column_l1_norm",
     "gather_concat",
     "gather_concat_many",
+    "linear_kl",
     "interpreted",
 ]
