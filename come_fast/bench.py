@@ -533,8 +533,9 @@ def to_markdown(recs: list[dict], sweep: Optional[Sweep] = None) -> str:
     dense = next((r for r in recs if r["method"] == DENSE), None)
     lines = [f"# Quality sweep: {recs[0]['model'] if recs else ''}", ""]
     if sweep is not None:
-        lines += [f"Calibration: `{sweep.calib or 'default (sampled from the model)'}`. "
-                  f"WikiText-2 perplexity: first {sweep.ppl_windows} windows of 512 tokens. "
+        lines += [f"Calibration: `{sweep.calib or 'default (sampled from the model)'}`. " +
+                  (f"WikiText-2 perplexity: first {sweep.ppl_windows} windows of 512 tokens. " if sweep.ppl_windows
+                   else "WikiText-2 perplexity: the whole test set, windows of 512 tokens. ") +
                   f"Zero-shot tasks: first {sweep.limit} examples each, at ratios "
                   f"{', '.join(f'{r:g}' for r in sorted(sweep.tasks_at)) or 'none'}. "
                   "Accuracies in % (acc_norm for PIQA, HellaSwag, ARC, OBQA; acc for WinoGrande, BoolQ); "

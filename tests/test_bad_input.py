@@ -470,6 +470,17 @@ def test_eval_cli_limit_and_tasks(capsys, tiny_dir, tmp_path, args, words):
 def test_bench_cli_ppl_windows(capsys, tmp_path):
     code, _, err = run(capsys, "bench", "quality", "--ppl-windows", 0, "--data-dir", tmp_path, "--out", tmp_path / "r")
     assert_error(code, err, "--ppl-windows must be a positive integer")
+    with pytest.raises(SystemExit) as e:  # argparse's own usage error
+        run(capsys, "bench", "quality", "--ppl-windows", "most", "--data-dir", tmp_path, "--out", tmp_path / "r")
+    assert e.value.code == 2 and "expected a positive integer or 'all', got 'most'" in capsys.readouterr().err
+
+
+def test_bench_cli_ppl_windows_all_is_the_whole_test_set():
+    from come_fast.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "quality", "--ppl-windows", "all"])
+    assert args.ppl_windows is None  # evaluate's "every full window"
+    assert build_parser().parse_args(["bench", "quality"]).ppl_windows == 40
 
 
 # == One clear error, never a traceback ========================================================
