@@ -204,9 +204,10 @@ def count_parameters(model: nn.Module) -> int:
     seen = set()
     total = 0
     for p in model.parameters():
-        if p.data_ptr() in seen:
+        key = ("meta", id(p)) if p.is_meta else p.data_ptr()  # meta tensors (offload="disk") all have pointer 0
+        if key in seen:
             continue
-        seen.add(p.data_ptr())
+        seen.add(key)
         total += p.numel()
     return total
 

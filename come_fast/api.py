@@ -112,6 +112,8 @@ def split_options(method: str, options: dict) -> tuple[dict, dict]:
 
 def _check_finite(model, why: str = "refusing to compress", error: type = ValueError) -> None:
     for name, p in model.named_parameters():
+        if p.is_meta:  # offload="disk": a layer not read yet (the loader checks it when it reads it)
+            continue
         if not torch.isfinite(p).all():
             raise error(f"model parameter {name} holds NaN or Inf: {why}")
 
@@ -150,7 +152,8 @@ def compress(model, ratio: float | None = None, method: str = "come", calib=None
              tokenizer=None, faithful: bool = False, allow_repeat: bool | None = None, n_samples: int = 32,
              seq_len: int = 256, batch_size: int = 2, backend: str = "auto", rounding: str = "nearest",
              seed: int = 0, progress: bool | Any = False, on_step=None, distill_steps: int = 0, teacher=None,
-             compensate="auto", text_column: str = "text", **options) -> CompressionResult:
+             compensate="auto", text_column: str = "text", offload: str | None = None,
+             **options) -> CompressionResult:
     """Compress ``model`` in place by depth and return a ``CompressionResult``.
 
     ``model``: a Hugging Face causal LM (Llama, Mistral, Qwen2, Qwen3) or a name
@@ -183,7 +186,18 @@ def compress(model, ratio: float | None = None, method: str = "come", calib=None
     taken before the distillation.
     ``**options``: the method's own settings (``come_fast.methods.OPTIONS``, listed
     in the README); one the method does not read is refused before any work.
+    ``offload="disk"``: ``model`` is a local safetensors checkpoint folder,
+    built on the meta device, its decoder layers read from disk a few at a time
+    and the result written layer by layer by ``save`` (come_fast/offload.py;
+    the methods in ``offload.SUPPORTED``, calibration data required).
     """
+    from . import offload as _offload
+
+    if offload is not None:
+        _offload.check_request(model, offload, method, calib=calib, distill_steps=distill_steps, teacher=teacher,
+                               on_step=on_step)
+        model, tok = _offload.lazy_model(model)
+        tokenizer = tokenizer or tok
     if isinstance(model, (str, os.PathLike)):
         model, tok = load_model(model)
         tokenizer = tokenizer or tok
@@ -191,7 +205,7 @@ def compress(model, ratio: float | None = None, method: str = "come", calib=None
     if (ratio is None) == (target_layers is None):
         raise RatioError("give exactly one of ratio= and target_layers=")
     meta = next((n for n, p in model.named_parameters() if p.is_meta), None)
-    if meta is not None:
+    if meta is not None and not _offload.is_lazy(model):
         raise ValueError(f"model parameter {meta} is on the meta device (no weights): load the weights first "
                          "(come_fast.load_model, or from_pretrained without device_map='meta')")
     if rounding not in ROUNDINGS:

@@ -43,7 +43,12 @@ def save_checkpoint(model, tokenizer, out_dir: str | os.PathLike, meta: dict, re
         model.config.auto_map = {"AutoModelForCausalLM": f"{SUBLAYER_MODULE}.ComeFastForCausalLM"}
 
     def build(tmp: Path) -> None:
-        model.save_pretrained(tmp)
+        from .offload import is_lazy, save_streaming
+
+        if is_lazy(model):  # compress(..., offload="disk"): the layers are read and written one at a time
+            save_streaming(model, tmp)
+        else:
+            model.save_pretrained(tmp)
         if spec is not None:
             _write_sublayer_module(model, tmp)
         if tokenizer is not None:
