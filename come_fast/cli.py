@@ -106,11 +106,19 @@ def _compress(args) -> int:
     methods.check_options(args.method, options)  # before the model loads
     calib = _calib_source(args)
     t0 = time.perf_counter()
-    model, tok = load_model(args.model, dtype=_torch_dtype(args.dtype), device=args.device)
-    print(f"loaded {args.model}: {model.config.num_hidden_layers} layers "
-          f"({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {args.dtype} on {args.device}) "
-          f"in {time.perf_counter() - t0:.1f} s")
-    res = api.compress(model, ratio=args.ratio, target_layers=args.target_layers, method=args.method,
+    offload = getattr(args, "offload", None)
+    if offload:  # the layers are read from the folder a few at a time, inside compress (come_fast/offload.py)
+        if args.dtype != "float32":
+            raise ValueError("--offload disk computes in float32 (the layers are read and cast one at a time); "
+                             "drop --dtype")
+        model, tok = args.model, None
+        print(f"streaming {args.model} from disk (--offload disk): a few decoder layers in memory at a time")
+    else:
+        model, tok = load_model(args.model, dtype=_torch_dtype(args.dtype), device=args.device)
+        print(f"loaded {args.model}: {model.config.num_hidden_layers} layers "
+              f"({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {args.dtype} on {args.device}) "
+              f"in {time.perf_counter() - t0:.1f} s")
+    res = api.compress(model, offload=offload, ratio=args.ratio, target_layers=args.target_layers, method=args.method,
                        calib=calib, text_column=args.text_column, tokenizer=tok, faithful=args.faithful, allow_repeat=args.allow_repeat,
                        n_samples=args.n_samples, seq_len=args.seq_len, batch_size=args.batch_size,
                        backend=args.backend, rounding=args.rounding, seed=args.seed, progress=not args.quiet,
@@ -122,7 +130,7 @@ def _compress(args) -> int:
     path = api.save(res, out, overwrite=args.overwrite)
     print(f"saved to {path} (load with transformers.AutoModelForCausalLM.from_pretrained)")
     tok = res.tokenizer if res.tokenizer is not None else tok
-    if not (args.quiet or args.no_sample) and tok is not None:
+    if not (args.quiet or args.no_sample or offload) and tok is not None:
         try:  # the checkpoint is saved: a failure here only costs the sample
             text = sample_text(res.model, tok)
         except Exception as e:
@@ -353,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--option", action="append", metavar="KEY=VALUE",
                    help="a method option, repeatable (e.g. score_rows=8, pair_tokens=all; see the README)")
     c.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    c.add_argument("--offload", default=None, choices=["disk"],
+                   help="disk: stream the decoder layers of a local safetensors --model folder a few at a time "
+                        "(models larger than memory; needs --calib; float32 on the CPU)")
     c.add_argument("--out", required=True, help="output folder for the checkpoint")
     c.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in --out")
     c.add_argument("--no-sample", action="store_true",

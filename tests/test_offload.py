@@ -130,3 +130,18 @@ def test_refused_other_requests(src):
         api.compress(str(src), ratio=0.3, method="shortgpt", calib=tokens(4, 32), offload="disk", distill_steps=2)
     with pytest.raises(offload.OffloadError, match="calibration data"):
         api.compress(str(src), ratio=0.3, method="shortgpt", offload="disk")
+
+
+def test_cli_offload_disk(src, tmp_path):
+    from safetensors.torch import save_file
+
+    from come_fast.cli import main
+
+    calib = tmp_path / "calib.safetensors"
+    save_file({"input_ids": tokens(4, 32)}, str(calib))
+    common = ["compress", "--model", str(src), "--ratio", "0.3", "--method", "shortgpt", "--calib", str(calib),
+              "--n-samples", "4", "--seq-len", "32", "--quiet", "--threads", "1"]
+    assert main(common + ["--out", str(tmp_path / "mem")]) == 0
+    assert main(common + ["--offload", "disk", "--out", str(tmp_path / "disk")]) == 0
+    a, b = _tensors(tmp_path / "mem"), _tensors(tmp_path / "disk")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
