@@ -229,6 +229,7 @@ class LayerStore:
                         raise ValueError(f"model parameter {prefix + n} holds NaN or Inf: refusing to compress")
             for n, t in tensors.items():
                 _set_param(module, n, nn.Parameter(t, requires_grad=params[n].requires_grad))
+        self._handles.clear()  # unmap: the file's pages would otherwise stay in this process's RSS
         self.loads += 1
         slot.loaded = self._snapshot(module)
         slot.dirty = False
@@ -382,6 +383,7 @@ def lazy_model(folder, dtype: torch.dtype = torch.float32, device="cpu", capacit
                 parent_path, _, child = mname.rpartition(".")
                 parent = model.get_submodule(parent_path) if parent_path else model
                 setattr(parent, child, fresh.to(store.device))
+    store._handles.clear()
     parent_path, _, list_name = fam.layers.rpartition(".")
     parent = model.get_submodule(parent_path)
     layers = a.layers
