@@ -14,7 +14,7 @@ import torch
 
 from . import methods
 from .adapters import adapter_for, count_parameters, layer_parameters
-from . import sublayers
+from . import posttrain, sublayers
 from .calibration import calibration_tokens, check_calibration_sizes
 from .checkpoint import read_meta, save_checkpoint
 from .dispatch import Ops
@@ -80,9 +80,10 @@ def _find_tokenizer(model):
         return None
 
 
-DISTILL_OPTIONS = frozenset({"distill_lr", "distill_mse", "distill_kl", "distill_batch"})
 DISTILL_VALIDATORS = {"distill_lr": methods.learning_rate, "distill_mse": methods.number(0),
-                      "distill_kl": methods.number(0), "distill_batch": methods.positive_int}
+                      "distill_kl": methods.number(0), "distill_batch": methods.positive_int,
+                      **posttrain.OPTION_VALIDATORS}  # data, budget, validation, schedule, resume
+DISTILL_OPTIONS = frozenset(DISTILL_VALIDATORS)
 LS_VALIDATORS = methods.LS_VALIDATORS
 LS_OPTIONS = frozenset(LS_VALIDATORS)
 
@@ -180,7 +181,19 @@ def compress(model, ratio: float | None = None, method: str = "come", calib=None
     ``distill_steps=N``: after compressing, N steps of hierarchical distillation
     from the original model along the provenance (come_fast.posttrain; options
     ``distill_lr`` 1e-4, ``distill_mse`` 1.0, ``distill_kl`` 1.0,
-    ``distill_batch`` = batch_size) on the calibration rows. The teacher is a
+    ``distill_batch`` = batch_size) on the calibration rows, or on
+    ``distill_data`` (any ``calib`` source, cut into rows of ``seq_len``; its
+    first ``distill_val_rows`` rows, default 8, held apart: their loss is
+    logged every ``distill_eval_every`` steps and ``distill_patience``
+    evaluations without a new best stop the run). ``distill_tokens=B``: a
+    training-token budget (the steps it holds, or the fewer of those and N).
+    ``distill_schedule``: "joint" (default) or "layerwise" (each layer, or
+    ``distill_group`` layers, alone, then ``distill_joint_steps`` joint
+    steps). ``distill_resume=DIR``: checkpoints there (every
+    ``distill_save_every`` steps, default 50), and a run of the same settings
+    continues from the last one. ``distill_grad_checkpoint=True``: recompute
+    layer insides in the backward pass (less memory, the same gradients).
+    The tokens seen are in the distillation report. The teacher is a
     copy of ``model`` taken before compression unless ``teacher=`` gives one
     (an uncompressed model of the same architecture). on_step snapshots are
     taken before the distillation.
@@ -235,20 +248,21 @@ def compress(model, ratio: float | None = None, method: str = "come", calib=None
     comp = resolve_compensate(compensate, method, faithful)
     if not (isinstance(distill_steps, int) and not isinstance(distill_steps, bool) and distill_steps >= 0):
         raise ValueError(f"distill_steps must be a non-negative integer, got {distill_steps!r}")
-    if distill_steps and method == "finercut":
+    plan = posttrain.plan_distill(dopts, distill_steps, batch_size)  # None: no distillation
+    if plan and method == "finercut":
         raise ValueError("distillation along the provenance needs whole layers; finercut removes sublayers")
-    if distill_steps and teacher is None:
+    if plan and teacher is None:
         import copy
 
         teacher = copy.deepcopy(model)  # the original, before any layer is touched
-    if teacher is not None:
-        ta = adapter_for(teacher)
-        if len(ta.layers) != L:
-            raise ValueError(f"teacher has {len(ta.layers)} layers, the model to compress {L}: "
-                             "pass the uncompressed model")
+    if teacher is not None:  # the same architecture, width, vocabulary and layer count
+        posttrain.check_teacher(teacher, model)
     tokenizer = tokenizer if tokenizer is not None else _find_tokenizer(model)
     t0 = time.perf_counter()
     tokens = calibration_tokens(calib, model, tokenizer, n_samples, seq_len, seed, text_column=text_column)
+    if plan:  # the distillation's rows and a resume folder checked before any compression
+        plan.prepare(tokens, model, tokenizer, seq_len, seed, text_column)
+        plan.precheck_resume(L, seed)
     if comp:
         _check_refit_data(tokens, a)
     device = next(model.parameters()).device
@@ -313,18 +327,13 @@ def compress(model, ratio: float | None = None, method: str = "come", calib=None
             steps = list(steps) + [{"compensation": reps, "seconds": time.perf_counter() - c0}]
             settings["compensate"] = {"mode": comp, "refit_layers": [r["layer"] for r in reps],
                                       "kept": [r["layer"] for r in reps if r["alpha"] is None]}
-        if distill_steps:
-            from .posttrain import hierarchical_distill
-
+        if plan:
             snapshot.copy_on_write(a)  # training must not touch the caller's layer objects
-            rep = hierarchical_distill(
-                a, adapter_for(teacher), tokens, outcome.provenance, steps=distill_steps,
-                lr=float(dopts.get("distill_lr", 1e-4)), mse=float(dopts.get("distill_mse", 1.0)),
-                kl=float(dopts.get("distill_kl", 1.0)), batch_size=int(dopts.get("distill_batch", batch_size)),
-                seed=seed, progress=bar is not None)
+            rep = plan.run(a, adapter_for(teacher), outcome.provenance, seed=seed,
+                           progress=progress if progress is True or callable(progress) else False,
+                           cache_bytes=options.get("max_cache_bytes"))
             steps = list(steps) + [{"distillation": rep}]
-            settings["distill"] = {"steps": distill_steps, **{k[len("distill_"):]: v for k, v in dopts.items()},
-                                   "loss_before": rep["loss_before"], "loss_after": rep["loss_after"]}
+            settings["distill"] = plan.settings(rep)
             _check_finite(model, f"distillation diverged (loss {rep['loss_before']:.4g} -> "
                                  f"{rep['loss_after']:.4g}); lower distill_lr", FloatingPointError)
     except BaseException:

@@ -88,6 +88,42 @@ def _calib_source(args):
     return {"path": args.calib, "name": args.calib_config, "split": args.calib_split}
 
 
+DISTILL_FLAGS = ("data", "tokens", "val_rows", "eval_every", "patience", "schedule", "group", "joint_steps",
+                 "resume", "save_every")
+
+
+def _distill_options(args) -> dict:
+    """The --distill-* flags given, as compress's distill_* options."""
+    out = {f"distill_{k}": getattr(args, f"distill_{k}") for k in DISTILL_FLAGS
+           if getattr(args, f"distill_{k}") is not None}
+    if args.distill_grad_checkpoint:
+        out["distill_grad_checkpoint"] = True
+    return out
+
+
+def _distill_lines(res) -> list:
+    """The distillation's outcome: loss before and after, tokens, the validation losses."""
+    rep = next((s["distillation"] for s in res.report if isinstance(s, dict) and "distillation" in s), None)
+    if rep is None:
+        return []
+    tk = rep["tokens"]
+    budget = f" of a budget of {tk['budget']:,}" if tk["budget"] else ""
+    trained = [r for r in rep["layers"] if not r.get("skipped")]
+    runs = ""
+    if rep["layers"]:  # layer-wise: every layer's run sees the training rows
+        runs = (f"; {len(trained)} layer runs of {trained[0]['tokens_seen'] if trained else 0:,} tokens, "
+                f"{len(rep['layers']) - len(trained)} layers skipped as the teacher's own, a joint pass of "
+                f"{tk['seen'] - sum(r['tokens_seen'] for r in trained):,}")
+    lines = [f"distillation ({rep['schedule']}): loss on the {rep['loss_on']} {rep['loss_before']:.4f} -> "
+             f"{rep['loss_after']:.4f}; {tk['seen']:,} training tokens seen{budget} ({tk['train_rows']} rows x "
+             f"{tk['seq_len']}, {tk['val_rows']} validation rows){runs}"
+             f"{'; stopped early' if rep['stopped_early'] else ''}"]
+    if rep["validation"]:
+        lines.append("validation loss by tokens seen: " + ", ".join(f"{v['tokens']:,}: {v['loss']:.4f}"
+                                                                  for v in rep["validation"]))
+    return lines
+
+
 def _compress(args) -> int:
     import torch
 
@@ -124,9 +160,12 @@ def _compress(args) -> int:
                        backend=args.backend, rounding=args.rounding, seed=args.seed, progress=not args.quiet,
                        distill_steps=args.distill_steps,
                        compensate=None if args.compensate == "none" else args.compensate,
-                       **({} if args.distill_lr is None else {"distill_lr": args.distill_lr}), **options)
+                       **({} if args.distill_lr is None else {"distill_lr": args.distill_lr}),
+                       **_distill_options(args), **options)
     print(res.summary())
     print(f"provenance: {json.dumps(res.provenance)}")
+    for line in _distill_lines(res):
+        print(line)
     path = api.save(res, out, overwrite=args.overwrite)
     print(f"saved to {path} (load with transformers.AutoModelForCausalLM.from_pretrained)")
     tok = res.tokenizer if res.tokenizer is not None else tok
@@ -197,6 +236,11 @@ def _check_args(args) -> None:
         at_least("--seq-len", args.seq_len, 2, "at least 2 (tokens per calibration row)")
         at_least("--batch-size", args.batch_size, 1, "a positive integer")
         at_least("--threads", args.threads, 1, "a positive integer")
+        at_least("--distill-tokens", args.distill_tokens, 1, "a positive integer (training tokens)")
+        at_least("--distill-val-rows", args.distill_val_rows, 0, "a non-negative integer")
+        for flag in ("eval_every", "patience", "group", "save_every"):
+            at_least(f"--distill-{flag.replace('_', '-')}", getattr(args, f"distill_{flag}"), 1, "a positive integer")
+        at_least("--distill-joint-steps", args.distill_joint_steps, 0, "a non-negative integer")
         lr = args.distill_lr
         if lr is not None and not (math.isfinite(lr) and 0 < lr <= 1):
             raise ValueError(f"--distill-lr must be a number in (0, 1] (a learning rate), got {lr}")
@@ -356,6 +400,30 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--distill-steps", type=int, default=0,
                    help="then N steps of hierarchical distillation from the original model (0: none)")
     c.add_argument("--distill-lr", type=float, default=None, help="distillation learning rate (default 1e-4)")
+    c.add_argument("--distill-data", default=None,
+                   help="distil on this text instead of the calibration rows: .txt, .jsonl (--text-column), "
+                        ".safetensors (input_ids) or a hub dataset id; cut into rows of --seq-len")
+    c.add_argument("--distill-tokens", type=int, default=None,
+                   help="training-token budget: the steps it holds (or the fewer of those and --distill-steps)")
+    c.add_argument("--distill-val-rows", type=int, default=None,
+                   help="rows held apart for the validation loss (default 8 with --distill-data, else 0)")
+    c.add_argument("--distill-eval-every", type=int, default=None,
+                   help="validation loss every K steps (default: a tenth of the run)")
+    c.add_argument("--distill-patience", type=int, default=None,
+                   help="stop after P validation losses in a row without a new best")
+    c.add_argument("--distill-schedule", default=None, choices=["joint", "layerwise"],
+                   help="joint (default): all layers in one run; layerwise: each layer alone on the teacher's "
+                        "states at its span, then a short joint pass")
+    c.add_argument("--distill-group", type=int, default=None,
+                   help="layerwise: consecutive student layers trained together (default 1)")
+    c.add_argument("--distill-joint-steps", type=int, default=None,
+                   help="layerwise: steps of the final joint pass (default a tenth of --distill-steps; 0: none)")
+    c.add_argument("--distill-resume", default=None, metavar="DIR",
+                   help="write distillation checkpoints to DIR and continue from the last one found there")
+    c.add_argument("--distill-save-every", type=int, default=None,
+                   help="with --distill-resume: steps between checkpoints (default 50)")
+    c.add_argument("--distill-grad-checkpoint", action="store_true",
+                   help="recompute each layer's inside in the backward pass: less memory, the same gradients")
     c.add_argument("--compensate", default="auto", choices=["auto", "ls", "none"],
                    help="closed-form refit of changed layers toward the original (ls); auto: the method's default")
     c.add_argument("--option", action="append", metavar="KEY=VALUE",
