@@ -10,6 +10,16 @@ import time
 from pathlib import Path
 
 
+def _windows(v: str):
+    """--ppl-windows: a count, or 'all' (None: every full window of the test set)."""
+    if v == "all":
+        return None
+    try:
+        return int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {v!r}") from None
+
+
 def _default_data_dir() -> str | None:
     env = os.environ.get("COME_FAST_DATA")
     if env:
@@ -252,7 +262,8 @@ def _check_args(args) -> None:
         args.device = resolve_device(args.device)  # before the model loads
     if args.cmd == "bench" and args.bench == "quality":
         at_least("--limit", args.limit, 1, "a positive integer (the first N examples of each task)")
-        at_least("--ppl-windows", args.ppl_windows, 1, "a positive integer (WikiText-2 windows)")
+        if args.ppl_windows is not None:
+            at_least("--ppl-windows", args.ppl_windows, 1, "a positive integer (WikiText-2 windows) or 'all'")
         at_least("--threads", args.threads, 1, "a positive integer")
     if args.cmd == "bench" and args.bench == "serving":
         at_least("--threads", args.threads, 1, "a positive integer")
@@ -470,7 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--data-dir", default=None, help="folder with wikitext2/, piqa/, ... (default: ../shared/data)")
     q.add_argument("--option", action="append", metavar="METHOD:KEY=VALUE",
                    help="extra compress option for one method, e.g. sleb:score_rows=32 (repeatable)")
-    q.add_argument("--ppl-windows", type=int, default=40, help="WikiText-2 windows of 512 tokens (default: 40)")
+    q.add_argument("--ppl-windows", type=_windows, default=40,
+                   help="WikiText-2 windows of 512 tokens (default: 40; 'all': the whole test set)")
     q.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: on a shared CPU one thread is several times faster than two)")
     q.add_argument("--keep-models", action="store_true", help="keep the compressed checkpoints under OUT/models/")
