@@ -1,8 +1,8 @@
 """come_fast: depth compression of Hugging Face causal LMs (CoMe and baselines)."""
-from .api import CompressionResult, compress, evaluate, load, save
+from .api import CompressionResult, compress, evaluate, export, load, save
 from .models import load_model
 
-__all__ = ["compress", "save", "load", "load_model", "evaluate", "optimize_for_inference", "CompressionResult"]
+__all__ = ["compress", "save", "load", "load_model", "evaluate", "export", "optimize_for_inference", "CompressionResult"]
 __version__ = "0.1.0"
 
 

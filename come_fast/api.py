@@ -37,9 +37,12 @@ class CompressionResult:
     seconds: float = 0.0
 
     def summary(self) -> str:
+        ex = (self.settings or {}).get("exact")
+        removed = (f"{100 * self.achieved_ratio:.2f}% removed, target {100 * ex['ratio']:.2f}%, MLP widths "
+                   f"{min(ex['widths'])}-{max(ex['widths'])}" if ex else f"{100 * self.achieved_ratio:.1f}% removed")
         return (f"{self.method}: {self.layers_before} -> {self.layers_after} layers, "
                 f"{self.params_before / 1e6:.1f}M -> {self.params_after / 1e6:.1f}M parameters "
-                f"({100 * self.achieved_ratio:.1f}% removed) in {self.seconds:.1f} s")
+                f"({removed}) in {self.seconds:.1f} s")
 
 
 class RatioError(ValueError):
@@ -153,8 +156,8 @@ def compress(model, ratio: float | None = None, method: str = "come", calib=None
              tokenizer=None, faithful: bool = False, allow_repeat: bool | None = None, n_samples: int = 32,
              seq_len: int = 256, batch_size: int = 2, backend: str = "auto", rounding: str = "nearest",
              seed: int = 0, progress: bool | Any = False, on_step=None, distill_steps: int = 0, teacher=None,
-             compensate="auto", text_column: str = "text", offload: str | None = None,
-             **options) -> CompressionResult:
+             compensate="auto", text_column: str = "text", exact: bool = False, width_multiple: int | None = None,
+             offload: str | None = None, **options) -> CompressionResult:
     """Compress ``model`` in place by depth and return a ``CompressionResult``.
 
     ``model``: a Hugging Face causal LM (Llama, Mistral, Qwen2, Qwen3) or a name
@@ -197,6 +200,14 @@ def compress(model, ratio: float | None = None, method: str = "come", calib=None
     copy of ``model`` taken before compression unless ``teacher=`` gives one
     (an uncompressed model of the same architecture). on_step snapshots are
     taken before the distillation.
+    ``exact=True``: land within 0.5 percentage points of ``ratio``: the
+    whole-layer steps go as far as they can without passing it, then the rest
+    is taken as MLP channels of the changed layers, lowest channel scores
+    first, in blocks of ``width_multiple`` (default 64) so every width stays a
+    multiple of it, and the compensation (where on) is run again over the
+    shrunk layers (come_fast/widths.py). The result's layers then have
+    different MLP widths: ``save`` records them and ``load`` rebuilds them.
+    on_step snapshots are taken before this step.
     ``**options``: the method's own settings (``come_fast.methods.OPTIONS``, listed
     in the README); one the method does not read is refused before any work.
     ``offload="disk"``: ``model`` is a local safetensors checkpoint folder,
@@ -208,7 +219,7 @@ def compress(model, ratio: float | None = None, method: str = "come", calib=None
 
     if offload is not None:
         _offload.check_request(model, offload, method, calib=calib, distill_steps=distill_steps, teacher=teacher,
-                               on_step=on_step)
+                               on_step=on_step, exact=exact)
         model, tok = _offload.lazy_model(model)
         tokenizer = tokenizer or tok
     if isinstance(model, (str, os.PathLike)):
@@ -226,6 +237,16 @@ def compress(model, ratio: float | None = None, method: str = "come", calib=None
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     check_calibration_sizes(n_samples, seq_len)
+    from .widths import check_exact, check_uniform_widths
+
+    check_uniform_widths(a)
+    if not isinstance(exact, bool):
+        raise ValueError(f"exact must be True or False, got {exact!r}")
+    if width_multiple is not None and not exact:
+        raise ValueError("width_multiple sets the MLP widths of exact=True; without exact it does nothing")
+    if exact:
+        width_multiple = check_exact(a, width_multiple, ratio, method=method, faithful=faithful,
+                                     target_layers=target_layers, rounding=rounding, no_provenance=NO_PROVENANCE)
     spec = sublayers.spec_of(a.layers)
     if spec is not None and method != "finercut":
         raise ValueError(f"this model's layers miss sublayers (a FinerCut result: {spec}); "
@@ -235,8 +256,8 @@ def compress(model, ratio: float | None = None, method: str = "come", calib=None
         if not (isinstance(target_layers, int) and not isinstance(target_layers, bool) and 1 <= target_layers < L):
             raise RatioError(f"target_layers must be an integer in [1, {L - 1}] for a {L}-layer model, got {target_layers!r}")
         n_remove = L - target_layers
-    else:
-        n_remove = removals_for_ratio(model, ratio, rounding)
+    else:  # exact: whole layers never pass the ratio; MLP channels make up the rest
+        n_remove = removals_for_ratio(model, ratio, "down" if exact else rounding)
     if allow_repeat is None:  # CoMe's default mode merges merged layers again; the release (and CoMe-P) do not
         allow_repeat = method == "come" and not faithful
     if method in ("come", "come-p") and not allow_repeat and n_remove > L // 2:
@@ -327,6 +348,24 @@ def compress(model, ratio: float | None = None, method: str = "come", calib=None
             steps = list(steps) + [{"compensation": reps, "seconds": time.perf_counter() - c0}]
             settings["compensate"] = {"mode": comp, "refit_layers": [r["layer"] for r in reps],
                                       "kept": [r["layer"] for r in reps if r["alpha"] is None]}
+        if exact:
+            from .widths import refit_layers, take_channels
+
+            def refit(shrunk):  # the compensation again, over the layers it refits from the lowest shrunk one up
+                from .calibration import LayerStream
+                from .compensate import compensate_model, refit_settings
+
+                todo = refit_layers(outcome.provenance, L, len(a.layers), shrunk, options.get("ls_layers", "changed"))
+                return compensate_model(a, LayerStream(a, tokens, batch_size, ops), teacher_states,
+                                        outcome.provenance, L, layers=todo, **refit_settings(options))
+
+            c0 = time.perf_counter()
+            rep = take_channels(a, tokens, batch_size, ops, outcome.provenance, L, ratio, params_before,
+                                width_multiple, refit=refit if comp else None,
+                                max_cache_bytes=options.get("max_cache_bytes"))
+            steps = list(steps) + [{"exact": rep, "seconds": time.perf_counter() - c0}]
+            settings["exact"] = {"ratio": ratio, "width_multiple": width_multiple, "widths": rep["widths"],
+                                 "whole_layer_ratio": rep["whole_layer_ratio"]}
         if plan:
             snapshot.copy_on_write(a)  # training must not touch the caller's layer objects
             rep = plan.run(a, adapter_for(teacher), outcome.provenance, seed=seed,
@@ -404,20 +443,41 @@ def _progress(progress):
     return None
 
 
-def save(result: CompressionResult, out_dir, overwrite: bool = False, tokenizer=None):
-    """Write a standard Hugging Face checkpoint (atomically)."""
-    meta = {"method": result.method, "provenance": result.provenance, "achieved_ratio": result.achieved_ratio,
+def result_meta(result: CompressionResult) -> dict:
+    """What a checkpoint records about the compression (``come_fast`` in config.json, come_fast.json)."""
+    return {"method": result.method, "provenance": result.provenance, "achieved_ratio": result.achieved_ratio,
             "layers_before": result.layers_before, "layers_after": result.layers_after,
             "params_before": result.params_before, "params_after": result.params_after,
             "settings": result.settings, "seconds": result.seconds}
+
+
+def save(result: CompressionResult, out_dir, overwrite: bool = False, tokenizer=None):
+    """Write a standard Hugging Face checkpoint (atomically). Layers of
+    different MLP widths (``exact=True``) are recorded in the config
+    (``come_fast_mlp_widths``): ``load`` reads them (come_fast/checkpoint.py);
+    ``export(..., format="decilm")`` writes the DeciLM form."""
+    meta = result_meta(result)
     return save_checkpoint(result.model, tokenizer or result.tokenizer, out_dir, meta, result.report, overwrite)
+
+
+def export(source, format: str = "decilm", out=None, overwrite: bool = False):
+    """Write a compression result (a ``CompressionResult``, or a folder written
+    by ``save``) in another checkpoint format; returns the folder.
+    ``format="decilm"``: the DeciLM / nemotron-nas ``block_configs`` form
+    (per-layer MLP width and attention kept or removed; come_fast/decilm.py)."""
+    from .decilm import export as _export
+
+    return _export(source, format=format, out=out, overwrite=overwrite)
 
 
 def load(path, dtype: torch.dtype = torch.float32, device="cpu"):
     """Load a checkpoint written by ``save`` (or any supported HF folder):
     returns ``(model, tokenizer, meta)``; meta is None for a foreign folder.
     A folder whose layers miss sublayers (FinerCut; ``come_fast_sublayers`` in
-    its config) is rebuilt with those sublayers removed (see come_fast.sublayers)."""
+    its config) is rebuilt with those sublayers removed (see come_fast.sublayers);
+    one with per-layer MLP widths (``come_fast_mlp_widths``) with those widths
+    (built on the meta device, the tensors assigned); a DeciLM / nemotron-nas
+    folder (``export(..., format="decilm")``) as the family it came from."""
     model, tok = load_model(path, dtype=dtype, device=device)  # FinerCut's sublayer checkpoints included
     return model, tok, read_meta(path) if os.path.isdir(str(path)) else None
 

@@ -14,6 +14,18 @@ the remaining weights, lists the missing sublayers under the config key
 ``from_pretrained(path, trust_remote_code=True)``; stock loading without
 ``trust_remote_code`` would re-initialise the missing sublayers. Details in
 come_fast/sublayers.py.
+
+A result whose layers have different MLP widths (``compress(..., exact=True)``)
+records them under the config key ``come_fast_mlp_widths`` (``intermediate_size``
+is the largest) and carries the same remote-code module. ``come_fast.load``
+rebuilds the per-layer shapes on the meta device and assigns the stored
+tensors (``load_width_model``); stock ``from_pretrained(path,
+trust_remote_code=True)`` reads it too. Stock ``from_pretrained`` without
+remote code cannot (transformers' Llama/Mistral/Qwen classes take one
+``intermediate_size``): it stops with its size-mismatch error rather than
+re-initialising anything. ``come_fast.export(..., format="decilm")`` writes
+the DeciLM / ``nemotron-nas`` form instead (come_fast/decilm.py). Whole-layer
+results, and any result whose layers share one width, stay plain checkpoints.
 """
 from __future__ import annotations
 
@@ -40,6 +52,9 @@ def save_checkpoint(model, tokenizer, out_dir: str | os.PathLike, meta: dict, re
     if spec is not None:
         # layers missing their attention or MLP (FinerCut): see come_fast/sublayers.py
         setattr(model.config, sublayers.SPEC_KEY, spec)
+    widths = _record_widths(model)
+    remote = spec is not None or widths is not None
+    if remote:
         model.config.auto_map = {"AutoModelForCausalLM": f"{SUBLAYER_MODULE}.ComeFastForCausalLM"}
 
     def build(tmp: Path) -> None:
@@ -49,7 +64,7 @@ def save_checkpoint(model, tokenizer, out_dir: str | os.PathLike, meta: dict, re
             save_streaming(model, tmp)
         else:
             model.save_pretrained(tmp)
-        if spec is not None:
+        if remote:
             _write_sublayer_module(model, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -89,6 +104,51 @@ def _sublayer_spec_of(model) -> dict | None:
     from .adapters import adapter_for
 
     return sublayers.spec_of(adapter_for(model).layers)
+
+
+def _record_widths(model) -> list | None:
+    """Set the config's MLP width entries from the layers themselves: one
+    shared width is ``intermediate_size`` (a plain checkpoint); different
+    widths go under ``come_fast_mlp_widths`` (returned), ``intermediate_size``
+    the largest. Layers without an MLP (FinerCut) count as any width."""
+    from .adapters import adapter_for
+
+    cfg = model.config
+    widths = sublayers.mlp_widths(adapter_for(model).layers)
+    present = sorted({w for w in widths if w is not None})
+    if len(present) <= 1:
+        if present:
+            cfg.intermediate_size = present[0]
+        if hasattr(cfg, sublayers.WIDTHS_KEY):
+            delattr(cfg, sublayers.WIDTHS_KEY)
+        return None
+    cfg.intermediate_size = present[-1]
+    widths = [present[-1] if w is None else w for w in widths]
+    setattr(cfg, sublayers.WIDTHS_KEY, widths)
+    return widths
+
+
+def check_width_spec(config: dict, where="config.json") -> list | None:
+    """The ``come_fast_mlp_widths`` entry of a config dict, checked: one
+    positive integer per layer, none above ``intermediate_size``. None where
+    there is none."""
+    from .models import CheckpointError
+
+    widths = config.get(sublayers.WIDTHS_KEY)
+    if widths is None:
+        return None
+    n, top = config.get("num_hidden_layers"), config.get("intermediate_size")
+    if not (isinstance(widths, list) and widths
+            and all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths)):
+        raise CheckpointError(f"{where}: malformed {sublayers.WIDTHS_KEY} {json.dumps(widths)[:200]}: "
+                              "expected a list of positive integers, one per layer")
+    if len(widths) != n:
+        raise CheckpointError(f"{where}: {sublayers.WIDTHS_KEY} lists {len(widths)} widths for "
+                              f"num_hidden_layers {n!r}")
+    if isinstance(top, int) and max(widths) > top:
+        raise CheckpointError(f"{where}: {sublayers.WIDTHS_KEY} holds a width {max(widths)} above "
+                              f"intermediate_size {top}")
+    return widths
 
 
 def _write_sublayer_module(model, folder: Path) -> None:
@@ -165,3 +225,97 @@ def load_sublayer_model(path: str | os.PathLike, dtype=None, device="cpu", check
         raise err from None
     check_loading_info(info, f"{path} (with its {sublayers.SPEC_KEY} skeleton)")
     return model.to(device).eval()
+
+
+# -- per-layer MLP widths: a meta-device skeleton, the stored tensors assigned -----------
+
+def read_state_dict(folder: str | os.PathLike) -> dict:
+    """Every tensor of a folder's safetensors files (the shards its index names, else every
+    ``*.safetensors``), read with safetensors only (never pickle)."""
+    from safetensors.torch import load_file
+
+    from .models import _unreadable
+
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        from .models import _read_json
+
+        files = sorted({folder / f for f in _read_json(index, "safetensors index").get("weight_map", {}).values()})
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    sd = {}
+    for f in files:
+        try:
+            sd.update(load_file(str(f)))
+        except Exception as e:  # safetensors' SafetensorError, a missing shard
+            raise _unreadable(f, e) from None
+    return sd
+
+
+def assign_weights(config, state_dict: dict, widths=None, spec=None, dtype=None, where="checkpoint"):
+    """The family's stock model built on the meta device (no memory, no
+    initialisation), its MLPs given ``widths`` and ``spec``'s sublayers removed,
+    then ``state_dict`` assigned (``load_state_dict(assign=True)``): every
+    parameter must come from it (the tied ``lm_head`` excepted), none may be
+    left over, every shape must match. The rotary embedding's buffers (not
+    stored) are computed afresh. Returns the model on the CPU in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .models import CheckpointError
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+        layers = model.model.layers
+        if widths:
+            sublayers.apply_widths(layers, widths)
+        if spec:
+            sublayers.apply_spec(layers, spec)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    try:
+        missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{where}: the shapes of some weights do not match the config "
+                              f"({str(e).strip().splitlines()[-1][:300]})") from None
+    missing = [k for k in missing if not (tied and k == "lm_head.weight")]
+    if missing or unexpected:
+        parts = [f"{len(v)} {k} (e.g. {', '.join(sorted(v)[:3])})" for k, v in
+                 (("missing", missing), ("unexpected", unexpected)) if v]
+        raise CheckpointError(f"{where}: the weights do not match the config: {'; '.join(parts)}. "
+                              "A missing weight would be re-created at random; refusing to load")
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    if dtype is not None:
+        model.to(dtype)
+    rotary = model.model.rotary_emb
+    model.model.rotary_emb = type(rotary)(config=model.config)  # buffers not stored: computed as HF does
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise CheckpointError(f"{where}: {len(left)} tensors have no value after loading (e.g. {left[:3]})")
+    return model.eval()
+
+
+def load_width_model(path: str | os.PathLike, dtype=None, device="cpu", checked: bool = False):
+    """Load a checkpoint whose config carries ``come_fast_mlp_widths``: the
+    per-layer MLP shapes (and any removed sublayers) built on the meta device,
+    the stored tensors assigned. ``checked``: the folder already passed
+    ``models.check_checkpoint_folder``."""
+    from transformers import AutoConfig, GenerationConfig
+
+    from .models import check_checkpoint_folder
+
+    if not checked:
+        check_checkpoint_folder(path)
+    config = AutoConfig.from_pretrained(path)
+    if "auto_map" in config.__dict__:  # the stock class, not the remote code it names
+        del config.auto_map
+    widths = getattr(config, sublayers.WIDTHS_KEY, None)
+    spec = getattr(config, sublayers.SPEC_KEY, None)
+    model = assign_weights(config, read_state_dict(path), widths, spec, dtype, where=str(path))
+    if (Path(path) / "generation_config.json").is_file():
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(path)
+        except Exception:  # a generation config is a convenience, not the model
+            pass
+    return model.to(device)

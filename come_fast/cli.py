@@ -1,5 +1,5 @@
-"""Command line: ``come-fast compress``, ``come-fast eval``, ``come-fast bench quality`` and
-``come-fast bench serving``. Calls the API only."""
+"""Command line: ``come-fast compress``, ``come-fast export``, ``come-fast eval``, ``come-fast bench quality``
+and ``come-fast bench serving``. Calls the API only."""
 from __future__ import annotations
 
 import argparse
@@ -170,6 +170,7 @@ def _compress(args) -> int:
                        backend=args.backend, rounding=args.rounding, seed=args.seed, progress=not args.quiet,
                        distill_steps=args.distill_steps,
                        compensate=None if args.compensate == "none" else args.compensate,
+                       exact=args.exact, width_multiple=args.width_multiple,
                        **({} if args.distill_lr is None else {"distill_lr": args.distill_lr}),
                        **_distill_options(args), **options)
     print(res.summary())
@@ -177,7 +178,13 @@ def _compress(args) -> int:
     for line in _distill_lines(res):
         print(line)
     path = api.save(res, out, overwrite=args.overwrite)
-    print(f"saved to {path} (load with transformers.AutoModelForCausalLM.from_pretrained)")
+    ex = res.settings.get("exact")
+    if ex and len(set(ex["widths"])) > 1:
+        print(f"achieved ratio {res.achieved_ratio:.6f} (target {ex['ratio']}); MLP widths {ex['widths']}")
+        print(f"saved to {path} (per-layer MLP widths: load with come_fast.load, or transformers' "
+              "from_pretrained(..., trust_remote_code=True); come-fast export --format decilm writes the DeciLM form)")
+    else:
+        print(f"saved to {path} (load with transformers.AutoModelForCausalLM.from_pretrained)")
     tok = res.tokenizer if res.tokenizer is not None else tok
     if not (args.quiet or args.no_sample or offload) and tok is not None:
         try:  # the checkpoint is saved: a failure here only costs the sample
@@ -187,6 +194,14 @@ def _compress(args) -> int:
         else:
             print(f"sample (greedy, up to {SAMPLE_TOKENS} tokens): {json.dumps(SAMPLE_PROMPT)} -> "
                   f"{json.dumps(text, ensure_ascii=False)}")
+    return 0
+
+
+def _export(args) -> int:
+    from . import api
+
+    path = api.export(args.model, format=args.format, out=args.out, overwrite=args.overwrite)
+    print(f"wrote {path} ({args.format}; come_fast.load reads it back)")
     return 0
 
 
@@ -246,6 +261,7 @@ def _check_args(args) -> None:
         at_least("--seq-len", args.seq_len, 2, "at least 2 (tokens per calibration row)")
         at_least("--batch-size", args.batch_size, 1, "a positive integer")
         at_least("--threads", args.threads, 1, "a positive integer")
+        at_least("--width-multiple", args.width_multiple, 1, "a positive integer")
         at_least("--distill-tokens", args.distill_tokens, 1, "a positive integer (training tokens)")
         at_least("--distill-val-rows", args.distill_val_rows, 0, "a non-negative integer")
         for flag in ("eval_every", "patience", "group", "save_every"):
@@ -407,6 +423,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="kernels: triton, torch, or auto (Triton on a CUDA device where it imports, else PyTorch)")
     c.add_argument("--rounding", default="nearest", choices=["nearest", "down", "up"],
                    help="how --ratio is met with whole layers")
+    c.add_argument("--exact", action="store_true",
+                   help="land within 0.5 points of --ratio: whole layers up to it, the rest as MLP channels of the "
+                        "changed layers (per-layer widths)")
+    c.add_argument("--width-multiple", type=int, default=None,
+                   help="with --exact: every MLP width a multiple of this (default 64; must divide the MLP width)")
     c.add_argument("--seed", type=int, default=0, help="random seed (default calibration, sampling methods)")
     c.add_argument("--distill-steps", type=int, default=0,
                    help="then N steps of hierarchical distillation from the original model (0: none)")
@@ -449,6 +470,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"do not print the compressed model's greedy continuation of {SAMPLE_PROMPT!r}")
     c.add_argument("--quiet", action="store_true", help="no progress bars and no sample generation")
     c.set_defaults(fn=_compress)
+
+    x = sub.add_parser("export", help="write a compressed checkpoint in another format (decilm)")
+    x.add_argument("--model", required=True, help="a folder written by come-fast compress")
+    x.add_argument("--format", default="decilm", choices=["decilm"],
+                   help="decilm: the DeciLM / nemotron-nas block_configs form (per-layer MLP widths)")
+    x.add_argument("--out", required=True, help="output folder")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in --out")
+    x.set_defaults(fn=_export)
 
     e = sub.add_parser("eval", help="WikiText-2 perplexity and zero-shot tasks")
     e.add_argument("--model", required=True, help="a checkpoint folder (or smollm2-135m, a hub id)")

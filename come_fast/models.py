@@ -103,9 +103,10 @@ def check_checkpoint_folder(folder: str | os.PathLike) -> dict:
     config.json. Refused: a corrupt config.json, an unsupported architecture
     (named from ``model_type``), weights in pickle files only (``*.bin``,
     ``*.pt``: come_fast loads safetensors only), no weights at all, and a
-    malformed ``come_fast_sublayers`` entry (FinerCut)."""
+    malformed ``come_fast_sublayers`` entry (FinerCut) or ``come_fast_mlp_widths``
+    entry (exact-ratio results)."""
     from .adapters import SUPPORTED, UnsupportedArchitectureError
-    from .checkpoint import check_sublayer_spec
+    from .checkpoint import check_sublayer_spec, check_width_spec
 
     folder = Path(folder)
     config = _read_json(folder / "config.json", "config.json")
@@ -123,6 +124,7 @@ def check_checkpoint_folder(folder: str | os.PathLike) -> dict:
                 "AutoModelForCausalLM.from_pretrained(folder).save_pretrained(new_folder)")
         raise CheckpointError(f"{folder} holds config.json but no *.safetensors weights")
     check_sublayer_spec(config, folder / "config.json")
+    check_width_spec(config, folder / "config.json")
     return config
 
 
@@ -157,13 +159,24 @@ def _loading_error(where, e: Exception) -> Exception:
     return e
 
 
+def _is_decilm(folder) -> bool:
+    """A DeciLM / nemotron-nas folder (``block_configs``), e.g. ``come_fast.export``'s."""
+    p = Path(folder) / "config.json"
+    if not p.is_file():
+        return False
+    cfg = _read_json(p, "config.json")
+    return cfg.get("model_type") in ("nemotron-nas", "nemotron_nas", "deci") or \
+        "DeciLMForCausalLM" in (cfg.get("architectures") or [])
+
+
 def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu"):
     """Return ``(model, tokenizer)`` in eval mode.
 
     ``name_or_path``: ``"smollm2-135m"`` (embedded default), a local folder
     (also one written by ``come_fast.save``, FinerCut's sublayer checkpoints
-    included), or a hub id where a hub is reachable. Every come_fast loading
+    and per-layer MLP widths included, or a DeciLM / nemotron-nas folder such as
+    ``come_fast.export`` writes), or a hub id where a hub is reachable. Every come_fast loading
     path comes here. A local folder is checked first (``check_checkpoint_folder``:
     architecture, safetensors only, the sublayer spec); the weights must then
     match the config exactly (``check_loading_info``).
@@ -174,9 +187,17 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dty
 
     where = resolve(name_or_path)
     try:
-        if os.path.isdir(where):
+        if os.path.isdir(where) and _is_decilm(where):
+            from .decilm import load_decilm  # come_fast.export(..., format="decilm") output
+
+            model = load_decilm(where, dtype=dtype)
+        elif os.path.isdir(where):
             config = check_checkpoint_folder(where)
-            if config.get("come_fast_sublayers") is not None:
+            if config.get("come_fast_mlp_widths") is not None:  # per-layer MLP widths (exact=True)
+                from .checkpoint import load_width_model
+
+                model = load_width_model(where, dtype=dtype, device="cpu", checked=True)
+            elif config.get("come_fast_sublayers") is not None:
                 from .checkpoint import load_sublayer_model
 
                 model = load_sublayer_model(where, dtype=dtype, device="cpu", checked=True)
@@ -200,7 +221,9 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dty
             raise
         raise err from None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where)
+        # a DeciLM folder's config.json is not one transformers knows: the rebuilt model's config stands in
+        extra = {"config": model.config} if os.path.isdir(where) and _is_decilm(where) else {}
+        tokenizer = AutoTokenizer.from_pretrained(where, **extra)
     except Exception:  # a folder without tokenizer files: compressing still works from token tensors
         tokenizer = None
     model.to(device).eval()

@@ -31,6 +31,16 @@ the Llama case; not exported).
 KV cache: a layer without attention still records the sequence length in the
 cache (a [batch, 1, tokens, 1] placeholder), because ``generate`` reads the
 past length from layer 0's cache entry.
+
+Per-layer MLP widths (``compress(..., exact=True)``, come_fast/widths.py) use
+the same file: ``config.json`` carries ``"come_fast_mlp_widths": [width of
+layer 0, ...]`` with ``intermediate_size`` the largest, and
+``ComeFastForCausalLM`` gives each layer's MLP its width (``set_mlp_width``)
+before the weights are read. Stock ``from_pretrained`` without
+``trust_remote_code`` builds every MLP at ``intermediate_size`` and stops with
+its size-mismatch error (``ignore_mismatched_sizes=False``, its default): it
+never silently re-creates them. A result whose layers all share one width is
+a plain checkpoint (``intermediate_size`` that width, no remote code).
 """
 from __future__ import annotations
 
@@ -97,12 +107,56 @@ def apply_spec(layers, spec: dict) -> None:
             remove_sublayer(layers[i], kind, i)
 
 
+# -- per-layer MLP widths ----------------------------------------------------------
+
+WIDTHS_KEY = "come_fast_mlp_widths"
+_MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
+
+
+def mlp_width(layer: nn.Module):
+    """The MLP width (channels between up and down) of a decoder layer; None without an MLP."""
+    mlp = getattr(layer, "mlp", None)
+    if mlp is None or isinstance(mlp, NoMLP):
+        return None
+    return int(mlp.down_proj.in_features)
+
+
+def mlp_widths(layers) -> list:
+    return [mlp_width(layer) for layer in layers]
+
+
+def set_mlp_width(layer: nn.Module, width: int) -> None:
+    """Give ``layer``'s MLP ``width`` channels: new, uninitialised gate/up/down
+    projections of that shape on the old ones' device and dtype (a skeleton
+    for weights loaded next; on the meta device nothing is allocated)."""
+    mlp = layer.mlp
+    if isinstance(mlp, NoMLP) or mlp_width(layer) == width:
+        return
+    for name in _MLP_PROJ:
+        old = getattr(mlp, name)
+        w = old.weight
+        shape = (old.in_features, width) if name != "down_proj" else (width, old.out_features)
+        setattr(mlp, name, nn.Linear(*shape, bias=old.bias is not None, device=w.device, dtype=w.dtype))
+    if hasattr(mlp, "intermediate_size"):
+        mlp.intermediate_size = width
+
+
+def apply_widths(layers, widths) -> None:
+    for layer, w in zip(layers, widths):
+        if w is not None:
+            set_mlp_width(layer, int(w))
+
+
 def causal_lm_class(base):
-    """The family's CausalLM class with the sublayers of ``config.come_fast_sublayers`` removed at construction."""
+    """The family's CausalLM class with the MLP widths of ``config.come_fast_mlp_widths``
+    and without the sublayers of ``config.come_fast_sublayers``, both set at construction."""
 
     class ComeFastForCausalLM(base):
         def __init__(self, config, *args, **kwargs):
             super().__init__(config, *args, **kwargs)
+            widths = getattr(config, WIDTHS_KEY, None)
+            if widths:
+                apply_widths(self.model.layers, widths)
             spec = getattr(config, SPEC_KEY, None)
             if spec:
                 apply_spec(self.model.layers, spec)
