@@ -1,8 +1,15 @@
 """come_fast: depth compression of Hugging Face causal LMs (CoMe and baselines)."""
-from .api import CompressionResult, compress, evaluate, export, load, save
-from .models import load_model
+import logging as _logging
 
-__all__ = ["compress", "save", "load", "load_model", "evaluate", "export", "optimize_for_inference", "CompressionResult"]
+# the library logs its long steps on "come_fast" (come_fast/logs.py) and never configures logging itself
+_logging.getLogger("come_fast").addHandler(_logging.NullHandler())
+
+from .api import CompressionResult, compress, evaluate, export, load, save  # noqa: E402
+from .hub import push_to_hub  # noqa: E402
+from .models import load_model  # noqa: E402
+
+__all__ = ["compress", "save", "load", "load_model", "evaluate", "export", "push_to_hub", "optimize_for_inference",
+           "CompressionResult"]
 __version__ = "0.1.0"
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,11 +15,14 @@ import torch
 
 from . import methods
 from .adapters import adapter_for, count_parameters, layer_parameters
-from . import posttrain, sublayers
+from . import logs, posttrain, sublayers
 from .calibration import calibration_tokens, check_calibration_sizes
 from .checkpoint import read_meta, save_checkpoint
+from .devicemap import Placement, home_device
 from .dispatch import Ops
 from .models import load_model
+
+log = logs.get("compress")
 
 
 @dataclass
@@ -35,6 +39,9 @@ class CompressionResult:
     params_before: int = 0
     params_after: int = 0
     seconds: float = 0.0
+    base_model: str | None = None  # the model compressed (hub id or folder), for the card and come_fast.json
+    command: str | None = None     # the command line that made it (come-fast compress), for the card
+    evaluation: dict | None = None  # an ``evaluate`` result (or several by name): the card shows it
 
     def summary(self) -> str:
         ex = (self.settings or {}).get("exact")
@@ -155,7 +162,7 @@ def _check_refit_data(tokens: torch.Tensor, adapter) -> None:
 def compress(model, ratio: float | None = None, method: str = "come", calib=None, target_layers: int | None = None, *,
              tokenizer=None, faithful: bool = False, allow_repeat: bool | None = None, n_samples: int = 32,
              seq_len: int = 256, batch_size: int = 2, backend: str = "auto", rounding: str = "nearest",
-             seed: int = 0, progress: bool | Any = False, on_step=None, distill_steps: int = 0, teacher=None,
+             seed: int = 0, progress: bool | Any = None, on_step=None, distill_steps: int = 0, teacher=None,
              compensate="auto", text_column: str = "text", exact: bool = False, width_multiple: int | None = None,
              offload: str | None = None, **options) -> CompressionResult:
     """Compress ``model`` in place by depth and return a ``CompressionResult``.
@@ -214,9 +221,24 @@ def compress(model, ratio: float | None = None, method: str = "come", calib=None
     built on the meta device, its decoder layers read from disk a few at a time
     and the result written layer by layer by ``save`` (come_fast/offload.py;
     the methods in ``offload.SUPPORTED``, calibration data required).
+    A model dispatched by accelerate (``from_pretrained(..., device_map=...)``,
+    ``dispatch_model``: several GPUs, CPU or disk offload) is compressed where
+    it lies: each layer scored and merged on its own execution device, an
+    offloaded layer read through its hooks when used, and every new layer
+    placed (device, hooks, offload) where the first layer of its span was,
+    ``hf_device_map`` renumbered (come_fast/devicemap.py; with offloaded
+    weights the restrictions of ``offload="disk"`` apply).
+    ``progress``: True for tqdm bars (merges, layers scored, calibration
+    sampling), False for none, a callable ``(label, done, total)``, or None
+    (default): bars when stderr is a terminal. Every long step is also logged
+    at INFO on the ``come_fast`` logger (come_fast/logs.py).
     """
     from . import offload as _offload
+    from .card import base_model_of
 
+    if progress is None:
+        progress = sys.stderr.isatty()
+    base_model = base_model_of(model)  # before loading: a name or folder as given
     if offload is not None:
         _offload.check_request(model, offload, method, calib=calib, distill_steps=distill_steps, teacher=teacher,
                                on_step=on_step, exact=exact)
@@ -228,8 +250,11 @@ def compress(model, ratio: float | None = None, method: str = "come", calib=None
     a = adapter_for(model)
     if (ratio is None) == (target_layers is None):
         raise RatioError("give exactly one of ratio= and target_layers=")
+    # a model dispatched by accelerate (device_map: several GPUs, CPU or disk offload; come_fast/devicemap.py):
+    # a weight on the meta device that no offload hook loads, or a layer split over devices, refused here
+    placement = None if _offload.is_lazy(model) else Placement.of(model, a)
     meta = next((n for n, p in model.named_parameters() if p.is_meta), None)
-    if meta is not None and not _offload.is_lazy(model):
+    if meta is not None and not _offload.is_lazy(model) and placement is None:
         raise ValueError(f"model parameter {meta} is on the meta device (no weights): load the weights first "
                          "(come_fast.load_model, or from_pretrained without device_map='meta')")
     if rounding not in ROUNDINGS:
@@ -264,6 +289,9 @@ def compress(model, ratio: float | None = None, method: str = "come", calib=None
         raise RatioError(f"{n_remove} merges of {L} layers need a layer to merge twice; "
                          "pass allow_repeat=True or ask for less")
     fn = methods.get(method)
+    if placement is not None:
+        placement.check_request(method, calib=calib, distill_steps=distill_steps, teacher=teacher, on_step=on_step,
+                                exact=exact)
     _check_finite(model)
     options, dopts = split_options(method, options)
     comp = resolve_compensate(compensate, method, faithful)
@@ -280,18 +308,22 @@ def compress(model, ratio: float | None = None, method: str = "come", calib=None
         posttrain.check_teacher(teacher, model)
     tokenizer = tokenizer if tokenizer is not None else _find_tokenizer(model)
     t0 = time.perf_counter()
-    tokens = calibration_tokens(calib, model, tokenizer, n_samples, seq_len, seed, text_column=text_column)
+    bar = _progress(progress)
+    steplog = logs.StepLog(bar, log)  # the methods' progress: logged, and the bars where asked
+    tokens = calibration_tokens(calib, model, tokenizer, n_samples, seq_len, seed, text_column=text_column,
+                                progress=steplog)
+    log.info("calibration: %d rows x %d tokens (%s) in %.1f s", tokens.shape[0], tokens.shape[1],
+             "sampled from the model" if calib is None else "given", time.perf_counter() - t0)
     if plan:  # the distillation's rows and a resume folder checked before any compression
         plan.prepare(tokens, model, tokenizer, seq_len, seed, text_column)
         plan.precheck_resume(L, seed)
     if comp:
         _check_refit_data(tokens, a)
-    device = next(model.parameters()).device
+    device = home_device(model)  # where the embeddings run (a dispatched model's first weight may be offloaded)
     ops = Ops(backend, device)
-    bar = _progress(progress)
     ctx = methods.Context(adapter=a, tokens=tokens, ops=ops, batch_size=batch_size,
                           options={"faithful": faithful, "allow_repeat": allow_repeat, "ratio": ratio,
-                                   "rounding": rounding, "seed": seed, **options}, progress=bar)
+                                   "rounding": rounding, "seed": seed, **options}, progress=steplog)
     params_before = count_parameters(model)
 
     def result(provenance, steps, settings, m=model):
@@ -300,19 +332,28 @@ def compress(model, ratio: float | None = None, method: str = "come", calib=None
             model=m, provenance=provenance, achieved_ratio=(params_before - params_after) / params_before,
             report=steps, tokenizer=tokenizer, method=method,
             settings={**settings, "method": method, "backend": ops.backend, "calibration": list(tokens.shape),
-                      "batch_size": batch_size, "seed": seed},
+                      "batch_size": batch_size, "seed": seed,
+                      "target": {"ratio": ratio, "target_layers": target_layers, "rounding": rounding}},
             layers_before=L, layers_after=len(adapter_for(m).layers), params_before=params_before,
-            params_after=params_after, seconds=time.perf_counter() - t0)
+            params_after=params_after, seconds=time.perf_counter() - t0, base_model=base_model)
 
     teacher_states = None
-    if comp:
-        from .calibration import LayerStream
-        from .compensate import TeacherStates
+    if placement is not None:
+        placement.begin()  # offloaded layers streamed by a LayerStore for the run; put back by end()
+    try:
+        if comp:
+            from .calibration import LayerStream
+            from .compensate import TeacherStates
 
-        # the original model's boundaries, before any change: every refit's target
-        teacher_states = TeacherStates.from_stream(LayerStream(a, tokens, batch_size, ops),
-                                                   options.get("max_cache_bytes"))
-        ctx.teacher = teacher_states
+            # the original model's boundaries, before any change: every refit's target
+            log.info("compensation: caching the original model's layer boundaries (the refit's targets)")
+            teacher_states = TeacherStates.from_stream(LayerStream(a, tokens, batch_size, ops),
+                                                       options.get("max_cache_bytes"))
+            ctx.teacher = teacher_states
+    except BaseException:
+        if placement is not None:
+            placement.end()
+        raise
 
     def compensated(m, provenance):
         """Refit ``m``'s changed layers toward the teacher (in place); the reports."""
@@ -340,11 +381,18 @@ def compress(model, ratio: float | None = None, method: str = "come", calib=None
     model.eval()
     snapshot = _Snapshot(a)
     try:
+        log.info("%s: scoring and removing %d of %d layers on %d x %d calibration tokens", method, n_remove, L,
+                 tokens.shape[0], tokens.shape[1])
+        m0 = time.perf_counter()
         outcome = fn(ctx, n_remove)
         steps, settings = outcome.steps, dict(outcome.settings)
+        log.info("%s: %d -> %d layers in %.1f s; provenance %s", method, L, len(a.layers), time.perf_counter() - m0,
+                 outcome.provenance)
         if comp:
             c0 = time.perf_counter()
+            log.info("compensation (%s): refitting the changed layers toward the original model", comp)
             reps = compensated(model, outcome.provenance)
+            log.info("compensation: %d layers refit in %.1f s", len(reps), time.perf_counter() - c0)
             steps = list(steps) + [{"compensation": reps, "seconds": time.perf_counter() - c0}]
             settings["compensate"] = {"mode": comp, "refit_layers": [r["layer"] for r in reps],
                                       "kept": [r["layer"] for r in reps if r["alpha"] is None]}
@@ -360,6 +408,7 @@ def compress(model, ratio: float | None = None, method: str = "come", calib=None
                                         outcome.provenance, L, layers=todo, **refit_settings(options))
 
             c0 = time.perf_counter()
+            log.info("exact: taking MLP channels of the changed layers up to ratio %s", ratio)
             rep = take_channels(a, tokens, batch_size, ops, outcome.provenance, L, ratio, params_before,
                                 width_multiple, refit=refit if comp else None,
                                 max_cache_bytes=options.get("max_cache_bytes"))
@@ -368,22 +417,35 @@ def compress(model, ratio: float | None = None, method: str = "come", calib=None
                                  "whole_layer_ratio": rep["whole_layer_ratio"]}
         if plan:
             snapshot.copy_on_write(a)  # training must not touch the caller's layer objects
+            log.info("distillation: up to %d steps from the original model along the provenance", distill_steps)
             rep = plan.run(a, adapter_for(teacher), outcome.provenance, seed=seed,
                            progress=progress if progress is True or callable(progress) else False,
                            cache_bytes=options.get("max_cache_bytes"))
             steps = list(steps) + [{"distillation": rep}]
             settings["distill"] = plan.settings(rep)
+            log.info("distillation: %d steps, loss %.4g -> %.4g", rep["steps"], rep["loss_before"], rep["loss_after"])
             _check_finite(model, f"distillation diverged (loss {rep['loss_before']:.4g} -> "
                                  f"{rep['loss_after']:.4g}); lower distill_lr", FloatingPointError)
     except BaseException:
         snapshot.restore(a)  # a failed call leaves the model as it was given
+        if placement is not None:
+            placement.end()  # the caller's layers with their own weights and hooks again
         raise
     finally:
         if teacher_states is not None:
             teacher_states.close()
+    if placement is not None:
+        try:  # new layers where their first source layer was, with hooks; hf_device_map renumbered
+            placement.end(outcome.provenance)
+        except BaseException:
+            snapshot.restore(a)
+            placement.end()
+            raise
     if hasattr(bar, "close"):
         bar.close()
-    return result(outcome.provenance, steps, settings)
+    res = result(outcome.provenance, steps, settings)
+    log.info("done: %s", res.summary())
+    return res
 
 
 class _Snapshot:
@@ -422,12 +484,14 @@ class _Bars:
         self.bars = {}
 
     def __call__(self, label: str, done: int, total: int) -> None:
+        from .calibration import SAMPLING_LABEL
+
         bar = self.bars.get(label)
         if bar is None or bar.total != total or done < bar.n:
             if bar is not None:
                 bar.close()
-            bar = self.bars[label] = self.tqdm(total=total, desc=label, leave=label == "merges",
-                                               position=0 if label == "merges" else 1)
+            top = label in ("merges", SAMPLING_LABEL)  # the default calibration's sampling comes before the rest
+            bar = self.bars[label] = self.tqdm(total=total, desc=label, leave=top, position=0 if top else 1)
         bar.update(done - bar.n)
 
     def close(self):
@@ -448,11 +512,17 @@ def result_meta(result: CompressionResult) -> dict:
     return {"method": result.method, "provenance": result.provenance, "achieved_ratio": result.achieved_ratio,
             "layers_before": result.layers_before, "layers_after": result.layers_after,
             "params_before": result.params_before, "params_after": result.params_after,
-            "settings": result.settings, "seconds": result.seconds}
+            "settings": result.settings, "seconds": result.seconds, "base_model": result.base_model,
+            **({"command": result.command} if result.command else {}),
+            **({"evaluation": result.evaluation} if result.evaluation else {})}
 
 
 def save(result: CompressionResult, out_dir, overwrite: bool = False, tokenizer=None):
-    """Write a standard Hugging Face checkpoint (atomically). Layers of
+    """Write a standard Hugging Face checkpoint (atomically), with
+    ``come_fast.json`` (what ``result_meta`` records, the per-step report) and
+    a model card ``README.md`` (come_fast/card.py: base model, method, ratios,
+    provenance, the command line and evaluation where the result carries
+    them), all in the same atomic write. Layers of
     different MLP widths (``exact=True``) are recorded in the config
     (``come_fast_mlp_widths``): ``load`` reads them (come_fast/checkpoint.py);
     ``export(..., format="decilm")`` writes the DeciLM form."""

@@ -25,7 +25,13 @@ from typing import Optional
 import torch
 
 from .adapters import Adapter
+from .devicemap import home_device, layer_device, to_device
 from .dispatch import Ops
+from .logs import get as _get_logger
+
+log = _get_logger("calibration")
+# the progress label of the default calibration's sampling (one count per token position)
+SAMPLING_LABEL = "calibration sampled (tokens per row)"
 
 
 class CalibrationError(ValueError):
@@ -195,13 +201,17 @@ def _hub_tokens(spec: dict, text_column: str, tokenizer, n: int, seq_len: int) -
     return _tokens_from_stream(ds, column, tokenizer, n, seq_len, source)
 
 
-def sample_from_model(model, tokenizer, n: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+def sample_from_model(model, tokenizer, n: int, seq_len: int, seed: int = 0, progress=None) -> torch.Tensor:
     """Sequences sampled from the model itself (temperature 1, no top-k/top-p),
     each started from the BOS token, which is then dropped. Deterministic for a
-    seed. Needs no data at all; cached on disk by ``default_calibration``."""
+    seed. Needs no data at all; cached on disk by ``default_calibration``.
+    ``progress``: True for a tqdm bar, or a callable ``(label, done, total)``
+    called after every token position (label ``SAMPLING_LABEL``)."""
     bos = _bos_id(tokenizer)
     g = torch.Generator().manual_seed(seed)
-    device = next(model.parameters()).device
+    from .devicemap import home_device
+
+    device = home_device(model)  # a dispatched model's first parameter may be offloaded (meta)
     out = torch.empty(n, seq_len, dtype=torch.long)
     from transformers import DynamicCache
 
@@ -209,15 +219,28 @@ def sample_from_model(model, tokenizer, n: int, seq_len: int, seed: int = 0) -> 
 
     # transformers 5.24 renamed past_key_values to cache (the old name warns)
     key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    with torch.inference_mode():
-        cache = DynamicCache(config=model.config)
-        cur = torch.full((n, 1), bos, dtype=torch.long, device=device)
-        for t in range(seq_len):
-            logits = model(input_ids=cur, use_cache=True, **{key: cache}).logits[:, -1].float()
-            probs = torch.softmax(logits, -1).cpu()
-            nxt = torch.multinomial(probs, 1, generator=g)
-            out[:, t] = nxt[:, 0]
-            cur = nxt.to(device)
+    bar = None
+    if progress is True:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=seq_len, desc=SAMPLING_LABEL)
+    try:
+        with torch.inference_mode():
+            cache = DynamicCache(config=model.config)
+            cur = torch.full((n, 1), bos, dtype=torch.long, device=device)
+            for t in range(seq_len):
+                logits = model(input_ids=cur, use_cache=True, **{key: cache}).logits[:, -1].float()
+                probs = torch.softmax(logits, -1).cpu()
+                nxt = torch.multinomial(probs, 1, generator=g)
+                out[:, t] = nxt[:, 0]
+                cur = nxt.to(device)
+                if bar is not None:
+                    bar.update(1)
+                elif callable(progress):
+                    progress(SAMPLING_LABEL, t + 1, seq_len)
+    finally:
+        if bar is not None:
+            bar.close()
     return out
 
 
@@ -263,7 +286,11 @@ def _bos_id(tokenizer) -> int:
     return 0 if bos is None else bos
 
 
-def default_calibration(model, tokenizer, n: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+def default_calibration(model, tokenizer, n: int, seq_len: int, seed: int = 0, progress=None) -> torch.Tensor:
+    """``n`` rows of ``seq_len`` tokens sampled from the model (``sample_from_model``;
+    ``progress`` as there), cached under a key of its weights."""
+    import time
+
     from .models import cache_dir
     from safetensors.torch import load_file, save_file
 
@@ -272,8 +299,13 @@ def default_calibration(model, tokenizer, n: int, seq_len: int, seed: int = 0) -
     key = model_fingerprint(model, tokenizer)
     path = cache_dir() / "calibration" / f"sampled-{key}-{n}x{seq_len}-s{seed}.safetensors"
     if path.is_file():
+        log.info("calibration: %d sampled rows x %d tokens read from the cache %s", n, seq_len, path)
         return load_file(str(path))["input_ids"]
-    ids = sample_from_model(model, tokenizer, n, seq_len, seed)
+    log.info("calibration: sampling %d rows x %d tokens from the model (no calib given; cached in %s)",
+             n, seq_len, path.parent)
+    t0 = time.perf_counter()
+    ids = sample_from_model(model, tokenizer, n, seq_len, seed, progress=progress)
+    log.info("calibration: sampled in %.1f s", time.perf_counter() - t0)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file({"input_ids": ids.contiguous()}, str(tmp))
@@ -301,7 +333,7 @@ def _datasets_types():
 
 
 def calibration_tokens(calib, model, tokenizer, n_samples: int = 32, seq_len: int = 256, seed: int = 0,
-                       text_column: str = "text") -> torch.Tensor:
+                       text_column: str = "text", progress=None) -> torch.Tensor:
     """Fixed calibration batches as a LongTensor [n, seq_len].
 
     calib:
@@ -317,13 +349,14 @@ def calibration_tokens(calib, model, tokenizer, n_samples: int = 32, seq_len: in
       the same rows whichever way they come (an iterable is read only as far
       as the rows need);
     - None for the embedded default: sequences sampled from the model itself,
-      cached under a key of its weights (``model_fingerprint``).
+      cached under a key of its weights (``model_fingerprint``); ``progress``
+      (True, or a callable ``(label, done, total)``) follows the sampling.
     """
     check_calibration_sizes(n_samples, seq_len)
     if not isinstance(text_column, str) or not text_column:
         raise CalibrationError(f"text_column must be a column name, got {text_column!r}")
     if calib is None:
-        return default_calibration(model, tokenizer, n_samples, seq_len, seed)
+        return default_calibration(model, tokenizer, n_samples, seq_len, seed, progress=progress)
     n, T = n_samples, seq_len
     if isinstance(calib, torch.Tensor):
         ids = calib
@@ -428,6 +461,12 @@ class LayerStream:
     ``final_norm_last``: the boundary after the last layer is taken after the
     model's final norm, as ``hidden_states[-1]`` is in Hugging Face (the
     release's scores use it; faithful mode keeps it).
+
+    A model dispatched over several devices (accelerate ``device_map``): each
+    layer runs on its own execution device (``devicemap.layer_device``; the
+    inputs are moved, never the weights) and its output comes back to the
+    stream's ``device`` (where the embeddings run), so every cached boundary,
+    score and comparison lives on that one device. On one device nothing moves.
     """
 
     def __init__(self, adapter: Adapter, tokens: torch.Tensor, batch_size: int = 2, ops: Ops | None = None,
@@ -439,16 +478,18 @@ class LayerStream:
         self.final_norm_last = final_norm_last
         self.progress = progress
         model = adapter.model
-        self.device = next(model.parameters()).device
+        self.device = home_device(model)
         n, T = tokens.shape
         self.n, self.T = n, T
         with torch.inference_mode():
-            x0 = torch.cat([adapter.embed(tokens[i:i + batch_size].to(self.device)) for i in range(0, n, batch_size)])
+            x0 = torch.cat([to_device(adapter.embed(tokens[i:i + batch_size].to(self.device)), self.device)
+                            for i in range(0, n, batch_size)])
             pos = torch.arange(T, device=self.device)[None]
             self.position_embeddings = {}
             for b in sorted({min(batch_size, n - i) for i in range(0, n, batch_size)}):
-                self.position_embeddings[b] = adapter.rotary(x0[:b], pos.expand(b, -1))
+                self.position_embeddings[b] = to_device(adapter.rotary(x0[:b], pos.expand(b, -1)), self.device)
             self.position_ids = pos
+        self._moved: dict = {}  # (batch rows, device) -> (position ids, position embeddings) there
         per = x0.numel() * x0.element_size()
         L = len(adapter.layers)
         if max_cache_bytes is None:
@@ -481,15 +522,24 @@ class LayerStream:
 
     # running ------------------------------------------------------------------------
     def forward_layer(self, layer, x: torch.Tensor) -> torch.Tensor:
-        """``layer`` on hidden states ``x`` [rows, T, d], in the stream's batches (no autograd)."""
+        """``layer`` on hidden states ``x`` [rows, T, d], in the stream's batches
+        (no autograd), run on the layer's device; the output on the stream's device."""
         outs = []
+        dev = layer_device(layer)
         with torch.inference_mode():
             for i in range(0, x.shape[0], self.bs):
                 xb = x[i:i + self.bs]
                 b = xb.shape[0]
                 if b not in self.position_embeddings:
-                    self.position_embeddings[b] = self.adapter.rotary(xb, self.position_ids.expand(b, -1))
-                outs.append(run_layers(self.adapter, [layer], xb, self.position_ids, self.position_embeddings[b]))
+                    self.position_embeddings[b] = to_device(
+                        self.adapter.rotary(xb, self.position_ids.expand(b, -1)), self.device)
+                pos, pe = self.position_ids, self.position_embeddings[b]
+                if dev is not None and dev != xb.device:
+                    if (b, dev) not in self._moved:
+                        self._moved[(b, dev)] = (to_device(pos, dev), to_device(pe, dev))
+                    pos, pe = self._moved[(b, dev)]
+                    xb = xb.to(dev)
+                outs.append(to_device(run_layers(self.adapter, [layer], xb, pos, pe), self.device))
             return torch.cat(outs)
 
     def boundaries(self):
@@ -525,10 +575,11 @@ class LayerStream:
                 layer = layers[l]
                 st = LayerStats(n_tokens=self.n * self.T)
                 handles = []
-                if collect:
+                if collect:  # summed where the layer runs (channel_scores reads them with its weights)
                     o, down = a.part(layer, "o"), a.part(layer, "down")
-                    st.att_abs = torch.zeros(o.in_features, dtype=torch.float32, device=self.device)
-                    st.mlp_abs = torch.zeros(down.in_features, dtype=torch.float32, device=self.device)
+                    dev = layer_device(layer) or self.device
+                    st.att_abs = torch.zeros(o.in_features, dtype=torch.float32, device=dev)
+                    st.mlp_abs = torch.zeros(down.in_features, dtype=torch.float32, device=dev)
                     handles.append(o.register_forward_pre_hook(self._accumulator(st.att_abs)))
                     handles.append(down.register_forward_pre_hook(self._accumulator(st.mlp_abs)))
                 try:
@@ -536,7 +587,7 @@ class LayerStream:
                 finally:
                     for h in handles:
                         h.remove()
-                y_b = a.final_norm(y) if (l == L - 1 and self.final_norm_last) else y
+                y_b = to_device(a.final_norm(y), self.device) if (l == L - 1 and self.final_norm_last) else y
                 if collect:
                     bi = 0.0
                     for i in range(0, self.n, self.bs):
@@ -574,7 +625,7 @@ class LayerStream:
             for i in range(0, self.n, self.bs):
                 h = a.final_norm(x[i:i + self.bs])[:, :-1]
                 logits = a.lm_head(h).float()
-                tgt = self.tokens[i:i + self.bs, 1:].to(self.device)
+                tgt = self.tokens[i:i + self.bs, 1:].to(logits.device)
                 total += float(torch.nn.functional.cross_entropy(
                     logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="sum"))
                 count += tgt.numel()
@@ -588,7 +639,7 @@ class LayerStream:
         with torch.inference_mode():
             for layer in layers:
                 x = self.forward_layer(layer, x)
-            return self.adapter.final_norm(x) if final_norm else x
+            return to_device(self.adapter.final_norm(x), self.device) if final_norm else x
 
     def output(self) -> torch.Tensor:
         """The last boundary (after the final norm when final_norm_last)."""

@@ -42,7 +42,17 @@ SUBLAYER_MODULE = "come_fast_sublayers"  # file (and module) name of the remote 
 
 
 def save_checkpoint(model, tokenizer, out_dir: str | os.PathLike, meta: dict, report: list | None = None,
-                    overwrite: bool = False) -> Path:
+                    overwrite: bool = False, load_path: str | None = None) -> Path:
+    """Write ``model`` (and ``tokenizer``) as a Hugging Face checkpoint folder
+    with ``come_fast.json`` (``meta`` and the per-step ``report``) and a model
+    card (README.md, come_fast/card.py; ``load_path``: the folder or hub id its
+    loading example names, default ``out_dir``), all in one atomic write."""
+    import time
+
+    from .card import clean_config_file, write_card
+    from .logs import get
+
+    log = get("checkpoint")
     out = Path(out_dir).expanduser()
     # refused targets, an existing folder (without overwrite), a folder being
     # written by another process: before the model is touched
@@ -58,9 +68,12 @@ def save_checkpoint(model, tokenizer, out_dir: str | os.PathLike, meta: dict, re
         model.config.auto_map = {"AutoModelForCausalLM": f"{SUBLAYER_MODULE}.ComeFastForCausalLM"}
 
     def build(tmp: Path) -> None:
+        from .devicemap import has_offloaded
         from .offload import is_lazy, save_streaming
 
-        if is_lazy(model):  # compress(..., offload="disk"): the layers are read and written one at a time
+        # compress(..., offload="disk"), or weights offloaded by a device map: the layers are read
+        # (materialised) and written one at a time
+        if is_lazy(model) or has_offloaded(model):
             save_streaming(model, tmp)
         else:
             model.save_pretrained(tmp)
@@ -68,14 +81,20 @@ def save_checkpoint(model, tokenizer, out_dir: str | os.PathLike, meta: dict, re
             _write_sublayer_module(model, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        # no GGUF leftovers (its own model name) nor temporary/cache paths in the config
+        clean_config_file(tmp / "config.json", (meta or {}).get("base_model"))
         with open(tmp / META_FILE, "w") as f:
             json.dump({**meta, "report": report or []}, f, indent=1)
+        write_card(tmp, meta, str(out_dir) if load_path is None else load_path, remote_code=remote)
 
     # written into a temporary sibling and renamed, under a lock, the old folder
     # moved aside first and deleted last: an interrupted save leaves nothing
     # half-written under out_dir and never loses the previous checkpoint
     # (details in come_fast/models.py, _atomic_save_dir)
+    t0 = time.perf_counter()
+    log.info("saving the checkpoint to %s", out)
     _atomic_save_dir(build, out, overwrite=overwrite)
+    log.info("saved %s in %.1f s", out, time.perf_counter() - t0)
     return out
 
 

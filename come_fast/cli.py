@@ -20,14 +20,13 @@ def _windows(v: str):
         raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {v!r}") from None
 
 
-def _default_data_dir() -> str | None:
-    env = os.environ.get("COME_FAST_DATA")
-    if env:
-        return env
-    for cand in (Path.cwd() / ".." / "shared" / "data", Path(__file__).resolve().parents[2] / "shared" / "data"):
-        if cand.is_dir():
-            return str(cand.resolve())
-    return None
+def _default_data_dir() -> str:
+    """``come_fast.eval.default_data_dir()``: ``$COME_FAST_DATA_DIR`` (the old
+    ``$COME_FAST_DATA`` still read, with a DeprecationWarning), else ``shared/data``
+    beside the repository or ``../shared/data``. The caller checks that it exists."""
+    from .eval import default_data_dir
+
+    return str(default_data_dir())
 
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -177,6 +176,11 @@ def _compress(args) -> int:
     print(f"provenance: {json.dumps(res.provenance)}")
     for line in _distill_lines(res):
         print(line)
+    argv = getattr(args, "argv", None)
+    if argv is not None:  # the model card records how the checkpoint was made
+        import shlex
+
+        res.command = "come-fast " + shlex.join(argv)
     path = api.save(res, out, overwrite=args.overwrite)
     ex = res.settings.get("exact")
     if ex and len(set(ex["widths"])) > 1:
@@ -227,7 +231,8 @@ def _eval(args) -> int:
             raise ValueError(f"unknown task(s) {', '.join(map(repr, unknown))}; known: {', '.join(_known_tasks())}")
     model, tok, meta = api.load(args.model, dtype=_torch_dtype(args.dtype), device=args.device)
     res = api.evaluate(model, tasks=tasks, data_dir=data_dir, limit=args.limit, tokenizer=tok,
-                       progress=not args.quiet, batch_size=args.batch_size)
+                       progress=not args.quiet, batch_size=args.batch_size, start=args.start,
+                       harness=args.harness)
     name = args.name or str(args.model)
     print(to_markdown({name: res}))
     if args.out:
@@ -483,13 +488,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", required=True, help="a checkpoint folder (or smollm2-135m, a hub id)")
     e.add_argument("--tasks", default=None, help="comma-separated; default: wikitext2 and the seven tasks")
     e.add_argument("--limit", type=int, default=None, help="first N examples per task (200 = the dev slice)")
-    e.add_argument("--data-dir", default=None, help="folder with wikitext2/, piqa/, ... (default: ../shared/data)")
+    e.add_argument("--start", type=int, default=0,
+                   help="first example index per zero-shot task (--start 200 --limit 300: the examples "
+                        "docs/evaluation.md's reference numbers were measured on)")
+    e.add_argument("--harness", default="auto", choices=("auto", "lm-eval", "builtin"),
+                   help="who scores the zero-shot tasks: lm-eval itself (auto: when installed, the .[eval] "
+                        "extra) or come_fast's built-in copy of its task definitions")
+    e.add_argument("--data-dir", default=None, help="folder with wikitext2/, piqa/, ... (default: "
+                                                     "$COME_FAST_DATA_DIR, else shared/data beside the repository)")
     e.add_argument("--device", type=_device_arg, default="auto", help=f"where the model runs: {DEVICE_HELP}")
     e.add_argument("--dtype", default="float32", choices=DTYPES, help="the weights' dtype (default: float32)")
     e.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     e.add_argument("--batch-size", type=int, default=1,
-                   help="WikiText-2 windows per forward pass (default: 1; a zero-shot example's choices "
-                        "always run as one batch)")
+                   help="WikiText-2 windows per forward pass (default: 1; the zero-shot tasks run up to 16 "
+                        "requests per pass, a question's choices on their shared context)")
     e.add_argument("--name", default=None, help="the model's name in the table and JSON (default: --model)")
     e.add_argument("--out", default=None, help="write JSON (and a .md table beside it)")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -507,7 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--tasks-at", default=None, help="ratios at which the 7 tasks run (default: all; 'none': perplexity only)")
     q.add_argument("--out", default="results", help="results folder (default: results)")
     q.add_argument("--calib", default=None, help="calibration, as for compress (the same for every method)")
-    q.add_argument("--data-dir", default=None, help="folder with wikitext2/, piqa/, ... (default: ../shared/data)")
+    q.add_argument("--data-dir", default=None, help="folder with wikitext2/, piqa/, ... (default: "
+                                                     "$COME_FAST_DATA_DIR, else shared/data beside the repository)")
     q.add_argument("--option", action="append", metavar="METHOD:KEY=VALUE",
                    help="extra compress option for one method, e.g. sleb:score_rows=32 (repeatable)")
     q.add_argument("--ppl-windows", type=_windows, default=40,
@@ -554,11 +567,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    import warnings
+
+    from .logs import CliHandler
+
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     args = build_parser().parse_args(argv)
+    args.argv = argv
     if getattr(args, "quiet", False):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+    # the long steps logged to stderr (INFO; --quiet: warnings only; a bench sweep's many compressions only with
+    # --verbose), and come_fast's own deprecations shown
+    quiet = getattr(args, "quiet", False) or (args.cmd == "bench" and not getattr(args, "verbose", False))
+    logging_on = CliHandler(quiet=quiet)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("default", category=DeprecationWarning, module=r"come_fast(\.|$)")
+            return _run(args)
+    finally:
+        logging_on.close()
+
+
+def _run(args) -> int:
     try:
         _check_args(args)
         return args.fn(args)

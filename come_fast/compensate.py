@@ -256,10 +256,10 @@ def down_equations(adapter: Adapter, stream, layer, x: torch.Tensor, target: tor
                 outs.append(y)
                 tb = target[i:i + stream.bs].to(dev).float()
                 m = seen["m"].float()
-                Rm = tb - (y.float() - m)
+                Rm = tb - (y.to(dev).float() - m)  # y on the stream's device, m where the layer ran (device map)
                 R = Rm - bias.float() if bias is not None else Rm
                 a_ = seen["a"].float()
-                D = tb - xb.float()
+                D = tb - xb.to(dev).float()
                 if weighting == "rms":
                     w = tb.pow(2).mean(-1, keepdim=True).clamp_min(1e-12).rsqrt()
                     a_, R, D, m, Rm = a_ * w, R * w, D * w, m * w, Rm * w

@@ -90,23 +90,23 @@ def concat_merge(adapter: Adapter, layer_a: nn.Module, layer_b: nn.Module, sel: 
     if norms == "fold":
         for roles, norm in ((("q", "k", "v"), "input_norm"), (("gate", "up"), "post_attn_norm")):
             for role in roles:
-                fold[role] = (adapter.part(layer_a, norm).weight.data, adapter.part(layer_b, norm).weight.data)
+                fold[role] = (adapter.part(layer_a, norm).weight.data, adapter.part(layer_b, norm).weight.data.to(dev))
 
     def gather(role: str, ia: list[int], ib: list[int], width: int, dim: int, bias: bool) -> None:
         ma, mb, mm = adapter.part(layer_a, role), adapter.part(layer_b, role), adapter.part(merged, role)
         ra, rb = _rows(ia, width).to(dev), _rows(ib, width).to(dev)
-        wa, wb = ma.weight.data, mb.weight.data
+        wa, wb = ma.weight.data, mb.weight.data.to(dev)  # layer_b may sit on another device (device_map)
         if role in fold:  # rows read the normalised input: scale column c by the source's norm weight
             wa, wb = wa * fold[role][0].to(wa.dtype), wb * fold[role][1].to(wb.dtype)
         mm.weight.data = ops.gather_concat(wa, ra, wb, rb, dim, out=torch.empty_like(ma.weight.data))
         if bias and getattr(ma, "bias", None) is not None:
-            mm.bias.data = ops.gather_concat(ma.bias.data, ra, mb.bias.data, rb, 0,
+            mm.bias.data = ops.gather_concat(ma.bias.data, ra, mb.bias.data.to(dev), rb, 0,
                                              out=torch.empty_like(ma.bias.data))
 
     def weighted(role: str, attr: str = "weight", share: float = r) -> None:
         ma, mb, mm = adapter.part(layer_a, role), adapter.part(layer_b, role), adapter.part(merged, role)
         if ma is not None and getattr(ma, attr, None) is not None:
-            _set(mm, attr, share * getattr(ma, attr).data + (1 - share) * getattr(mb, attr).data)
+            _set(mm, attr, share * getattr(ma, attr).data + (1 - share) * getattr(mb, attr).data.to(dev))
 
     gather("q", sel.q_heads_a, sel.q_heads_b, hd, 0, True)
     gather("k", sel.kv_a, sel.kv_b, hd, 0, True)
@@ -126,7 +126,7 @@ def concat_merge(adapter: Adapter, layer_a: nn.Module, layer_b: nn.Module, sel: 
         if norms == "fold":
             nm.weight.data = torch.ones_like(na.weight.data)
         else:
-            nm.weight.data = torch.stack([na.weight.data, nb.weight.data]).mean(0)
+            nm.weight.data = torch.stack([na.weight.data, nb.weight.data.to(dev)]).mean(0)
     return merged
 
 
@@ -150,8 +150,8 @@ def rdsc_merge(adapter: Adapter, base: nn.Module, others: list[nn.Module]) -> nn
         for name, p in getattr(merged, sub).named_parameters():
             theta_b = mb[name].data
             acc = theta_b.clone()
-            for o in others:
-                acc += dict(getattr(o, sub).named_parameters())[name].data - theta_b
+            for o in others:  # another layer may sit on another device (device_map)
+                acc += dict(getattr(o, sub).named_parameters())[name].data.to(acc.device) - theta_b
             p.data = acc
     return merged
 

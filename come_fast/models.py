@@ -14,8 +14,10 @@ from pathlib import Path
 
 import torch
 
+from .logs import get as _get_logger
 from .savedir import _atomic_save_dir
 
+log = _get_logger("models")
 DEFAULT_MODEL = "smollm2-135m"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -56,17 +58,29 @@ def default_model_path() -> Path:
     folder = _smollm2_package_dir()
 
     def build(tmp: Path) -> None:
+        log.info("dequantizing the embedded %s from its GGUF to float32 (once, about 30 s) into %s",
+                 DEFAULT_MODEL, target)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=_GGUF_FILE, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=_GGUF_FILE)
         # save_pretrained refuses a GGUF-loaded model until its quantizer is gone
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
+        _drop_gguf_leftovers(model.config)
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
 
     _atomic_save_dir(build, target)
     return target
+
+
+def _drop_gguf_leftovers(config) -> None:
+    """Config entries a GGUF source leaves (``_model_name_or_path``: the GGUF's own name)."""
+    from .card import GGUF_LEFTOVERS
+
+    for k in GGUF_LEFTOVERS:
+        if k in config.__dict__:
+            delattr(config, k)
 
 
 def resolve(name_or_path: str | os.PathLike) -> str:
@@ -183,9 +197,13 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dty
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import time
+
     from .adapters import adapter_for
 
+    t0 = time.perf_counter()
     where = resolve(name_or_path)
+    log.info("loading %s%s", name_or_path, "" if str(where) == str(name_or_path) else f" ({where})")
     try:
         if os.path.isdir(where) and _is_decilm(where):
             from .decilm import load_decilm  # come_fast.export(..., format="decilm") output
@@ -226,5 +244,8 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dty
         tokenizer = AutoTokenizer.from_pretrained(where, **extra)
     except Exception:  # a folder without tokenizer files: compressing still works from token tensors
         tokenizer = None
+    _drop_gguf_leftovers(model.config)  # a copy of the default cached before they were dropped
     model.to(device).eval()
+    log.info("loaded %s: %s layers in %.1f s", name_or_path, getattr(model.config, "num_hidden_layers", "?"),
+             time.perf_counter() - t0)
     return model, tokenizer

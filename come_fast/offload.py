@@ -90,17 +90,20 @@ class _Modules(dict):
 
 
 class _Slot:
-    __slots__ = ("source", "loaded", "dirty", "hook")
+    __slots__ = ("source", "loaded", "dirty", "hook", "device")
 
-    def __init__(self, source, hook):
-        self.source = source      # (files by name, prefix) in the checkpoint, or a spilled file
+    def __init__(self, source, hook, device=None):
+        self.source = source      # prefix in the checkpoint, a spilled file, or a mapping of the layer's tensors
         self.loaded = None        # {param name: (tensor, version)} while resident
         self.dirty = False
         self.hook = hook
+        self.device = device      # where the layer is materialised (None: the store's device)
 
 
 class LayerStore:
-    """Decoder layers read on demand from a safetensors checkpoint.
+    """Decoder layers read on demand from a safetensors checkpoint (or, for a
+    model dispatched by accelerate, from its offload hooks' weights maps, each
+    layer onto its own execution device: come_fast/devicemap.py).
 
     ``resident_bytes``: bytes of the layers materialised now; ``peak_bytes``:
     the most at any time (``fixed_bytes``: embeddings, final norm and head,
@@ -122,6 +125,9 @@ class LayerStore:
         self._handles: dict[str, object] = {}
         self._tmp: Path | None = None
         self._finalizer = weakref.finalize(self, shutil.rmtree, "", True)  # replaced once there is a folder
+        # a layer list may hold modules the store must leave alone (a dispatched model's layers that stay
+        # on their device, come_fast/devicemap.py): ``keep(module)`` True for those
+        self.keep = None
 
     # files --------------------------------------------------------------------------
     def _open(self, path: Path):
@@ -133,13 +139,14 @@ class LayerStore:
             h = self._handles[key] = safe_open(key, framework="pt", device="cpu")
         return h
 
-    def read(self, name: str, path: Path | None = None) -> torch.Tensor:
-        """One tensor, converted as ``from_pretrained(dtype=...)`` converts it."""
+    def read(self, name: str, path: Path | None = None, device=None, convert: bool = True) -> torch.Tensor:
+        """One tensor, converted as ``from_pretrained(dtype=...)`` converts it
+        (``convert=False``: as stored, e.g. a spilled layer)."""
         path = path or self.folder / self.weight_map[name]
         t = self._open(path).get_tensor(name)
-        if t.is_floating_point() and t.dtype != self.dtype:
+        if convert and t.is_floating_point() and t.dtype != self.dtype:
             t = t.to(self.dtype)
-        return t.to(self.device)
+        return t.to(self.device if device is None else device)
 
     def _spill_dir(self) -> Path:
         if self._tmp is None:
@@ -153,11 +160,17 @@ class LayerStore:
         self._finalizer()
 
     # bookkeeping --------------------------------------------------------------------
-    def register(self, module: nn.Module, source) -> None:
+    def register(self, module: nn.Module, source, device=None) -> None:
+        """Manage ``module``: ``source`` is its weights' prefix in the checkpoint,
+        a mapping of its tensors by parameter name (read on demand onto
+        ``device``), or None for a layer a method made (resident now, on the
+        device of its parameters)."""
         if module in _OWNER:
             return
+        if source is None and device is None:
+            device = next((p.device for p in module.parameters() if not p.is_meta), None)
         handle = module.register_forward_pre_hook(_pre_hook)
-        slot = _Slot(source, handle.id)
+        slot = _Slot(source, handle.id, None if device is None else torch.device(device))
         self.slots[module] = slot
         _OWNER[module] = self
         store = self
@@ -187,7 +200,7 @@ class LayerStore:
         out = LazyLayers(list(layers))
         out._store = self
         for m in out:
-            if m not in _OWNER:
+            if m not in _OWNER and not (self.keep is not None and self.keep(m)):
                 self.register(m, None)
         self._evict()
         return out
@@ -219,11 +232,16 @@ class LayerStore:
         self._evict(room=1)  # make room first: never more than ``capacity`` layers at once
         with torch.inference_mode(False), torch.no_grad():
             params = dict(module.named_parameters())
+            dev = slot.device
             if isinstance(slot.source, Path):  # spilled by this store
-                tensors = {n: self.read(n, slot.source) for n in params}
+                tensors = {n: self.read(n, slot.source, dev, convert=False) for n in params}
             else:
-                prefix = slot.source
-                tensors = {n: self.read(prefix + n) for n in params}
+                if isinstance(slot.source, str):  # the checkpoint
+                    prefix = slot.source
+                    tensors = {n: self.read(prefix + n, device=dev) for n in params}
+                else:  # a mapping (an accelerate-offloaded layer's weights), as stored
+                    prefix = getattr(slot.source, "prefix", "")
+                    tensors = {n: slot.source[n].to(self.device if dev is None else dev) for n in params}
                 for n, t in tensors.items():
                     if t.is_floating_point() and not torch.isfinite(t).all():
                         raise ValueError(f"model parameter {prefix + n} holds NaN or Inf: refusing to compress")
@@ -234,6 +252,18 @@ class LayerStore:
         slot.loaded = self._snapshot(module)
         slot.dirty = False
         self._touch(module, _nbytes(module))
+
+    def forget(self, module: nn.Module) -> None:
+        """Stop managing ``module`` as it is now (resident or not): its
+        materialising pre-hook and ``__deepcopy__`` go."""
+        slot = self.slots.pop(module, None)
+        if slot is None:
+            return
+        module._forward_pre_hooks.pop(slot.hook, None)
+        module.__dict__.pop("__deepcopy__", None)
+        _OWNER.pop(module, None)
+        if self.lru.pop(id(module), None) is not None:
+            self.resident_bytes -= _nbytes(module)
 
     def _evict(self, room: int = 0) -> None:
         """Release least recently used layers until ``room`` more fit."""
@@ -404,10 +434,13 @@ def lazy_model(folder, dtype: torch.dtype = torch.float32, device="cpu", capacit
 def save_streaming(model, folder: Path) -> None:
     """``save_pretrained`` for a lazy model: config, generation config, and the
     weights one decoder layer per safetensors shard (plus one shard for the
-    rest) with the standard index, each layer materialised in turn."""
+    rest) with the standard index, each layer materialised in turn. Weights
+    offloaded by an accelerate device map are materialised on the CPU the same
+    way, a layer at a time (``devicemap.materialised``)."""
     from safetensors.torch import save_file
 
     from .adapters import adapter_for
+    from .devicemap import materialised
 
     store = store_of(model)
     a = adapter_for(model)
@@ -421,11 +454,12 @@ def save_streaming(model, folder: Path) -> None:
     prefix = a.family.layers + "."
     rest = {}
     seen = set()
-    for n, prm in model.named_parameters():  # tied weights: the first name only, as save_pretrained keeps
-        if n.startswith(prefix) or id(prm) in seen:
-            continue
-        seen.add(id(prm))
-        rest[n] = prm.detach().contiguous()
+    with materialised(model, exclude=prefix):
+        for n, prm in model.named_parameters():  # tied weights: the first name only, as save_pretrained keeps
+            if n.startswith(prefix) or id(prm) in seen:
+                continue
+            seen.add(id(prm))
+            rest[n] = prm.detach().to("cpu").contiguous()
     L = len(a.layers)
     total = L + 1
     name = "model-{:05d}-of-{:05d}.safetensors".format
@@ -436,7 +470,8 @@ def save_streaming(model, folder: Path) -> None:
         size += t.numel() * t.element_size()
     for i in range(L):
         layer = a.layers[i]  # materialised
-        tensors = {f"{prefix}{i}.{n}": p.detach().contiguous() for n, p in layer.named_parameters()}
+        with materialised(layer):
+            tensors = {f"{prefix}{i}.{n}": p.detach().to("cpu").contiguous() for n, p in layer.named_parameters()}
         save_file(tensors, str(folder / name(i + 2, total)), metadata={"format": "pt"})
         for n, t in tensors.items():
             weight_map[n] = name(i + 2, total)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from come_fast import eval as ev
 from come_fast.eval import perplexity as ppl_mod
 from come_fast.eval import tasks as T
+from tiny import bpe_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO.parent / "shared" / "data"
@@ -37,17 +38,7 @@ CORPUS = [
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    # Byte-level like SmolLM2's tokenizer, so " yes" is one token with its space.
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=["<eos>"], show_progress=False)
-    tok.train_from_iterator(CORPUS * 5, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    return bpe_tokenizer(CORPUS)
 
 
 @pytest.fixture(scope="module")
@@ -169,8 +160,9 @@ def test_format_piqa():
 
 @needs_data
 def test_format_hellaswag():
+    # lm-eval's query: ctx_a + " " + ctx_b.capitalize() (the file's "... roof. he" split back)
     ex = first("hellaswag")
-    ctx = "Roof shingle removal: A man is sitting on a roof. he"
+    ctx = "Roof shingle removal: A man is sitting on a roof. He"
     endings = ("is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
                "is holding a rubik's cube.", "starts pulling up roofing on a roof.")
     assert ex.requests == tuple((ctx, " " + e) for e in endings)

@@ -34,3 +34,18 @@ def tiny_model(family: str, seed: int = 0, **kw):
 def tokens(n=6, T=16, vocab=128, seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (n, T), generator=g)
+
+
+def bpe_tokenizer(corpus, vocab_size: int = 400):
+    """A small byte-level BPE tokenizer trained on ``corpus`` (byte-level like
+    SmolLM2's, so " yes" is one token with its space, and any text encodes)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<eos>"], show_progress=False)
+    tok.train_from_iterator(list(corpus) * 5, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")

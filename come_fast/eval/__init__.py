@@ -4,20 +4,31 @@
 JSON-serialisable dict; ``to_markdown({"dense": r0, "pruned": r1})`` makes the
 comparison table; ``above_chance_share(result, dense_result)`` gives the metric
 docs/evaluation.md asks for beside the retained average accuracy.
+
+The zero-shot tasks are scored by lm-evaluation-harness itself when it is
+installed (``pip install -e ".[eval]"``): its stock task definitions on the
+local files (``lm_eval_tasks/``) and its evaluator, with the model wrapped in
+``lmeval.ComeFastLM`` (HFLM plus the shared-context fast path). Without it,
+the built-in scorer (``tasks.py``, the same prompts and scoring written out)
+runs instead, after a warning. WikiText-2 perplexity is always our own
+GPTQ-style protocol (``perplexity.py``).
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Iterable, Mapping, Optional
 
 from .perplexity import (WIKITEXT2_TEST, check_batch_size, check_windows, wikitext2_perplexity,
                          wikitext2_perplexity_details)
-from .tasks import TASKS, check_files, check_limit, evaluate_task, get_task, load_examples
+from .tasks import TASKS, check_files, check_limit, check_start, get_task, load_examples
+from .tasks import evaluate_task as builtin_evaluate_task
 
 PERPLEXITY_TASK = "wikitext2"
 ZERO_SHOT_TASKS = tuple(TASKS)  # piqa, hellaswag, winogrande, arc_easy, arc_challenge, boolq, openbookqa
@@ -27,15 +38,103 @@ KNOWN_TASKS = ALL_TASKS
 __all__ = [
     "ALL_TASKS", "ZERO_SHOT_TASKS", "TASKS", "evaluate", "evaluate_task", "wikitext2_perplexity",
     "above_chance_share", "to_markdown", "write_json_atomic", "default_data_dir", "load_examples",
+    "HARNESSES", "zero_shot_harness",
 ]
+
+HARNESSES = ("auto", "lm-eval", "builtin")
+_WARNED_BUILTIN = False
+
+
+def _check_task_batch_size(n) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"task_batch_size must be a positive integer (requests per forward pass), got {n!r}")
+
+
+def _lm_eval_importable() -> bool:
+    return importlib.util.find_spec("lm_eval") is not None
+
+
+def zero_shot_harness(harness: str = "auto") -> str:
+    """Which scorer the zero-shot tasks get: ``"lm-eval"`` or ``"builtin"``.
+
+    ``harness="auto"`` takes lm-eval when it is installed and warns (once) when
+    it falls back to the built-in scorer; ``"lm-eval"`` insists on it;
+    ``"builtin"`` always takes the built-in one."""
+    global _WARNED_BUILTIN
+    if harness not in HARNESSES:
+        raise ValueError(f"harness must be one of {', '.join(HARNESSES)}, got {harness!r}")
+    if harness == "builtin":
+        return "builtin"
+    if _lm_eval_importable():
+        return "lm-eval"
+    if harness == "lm-eval":
+        raise ImportError("harness='lm-eval' needs lm-evaluation-harness: pip install -e \".[eval]\" "
+                          "(or pip install lm-eval==0.4.13)")
+    if not _WARNED_BUILTIN:
+        _WARNED_BUILTIN = True
+        warnings.warn("lm-eval is not installed: the zero-shot tasks are scored by come_fast's built-in copy of "
+                      "its task definitions (same prompts and scoring); pip install -e \".[eval]\" to score them "
+                      "with lm-eval itself", stacklevel=3)
+    return "builtin"
+
+
+def _harness_label(which: str) -> str:
+    if which == "builtin":
+        return "builtin"
+    from .lmeval import lm_eval_version
+
+    return f"lm-eval {lm_eval_version()}"
+
+
+def evaluate_task(model, tokenizer, name: str, data_dir, limit: Optional[int] = None, progress: bool = True,
+                  max_length: Optional[int] = None, start: int = 0, harness: str = "auto",
+                  task_batch_size: int = 16) -> dict:
+    """Zero-shot accuracy of ``model`` on one task (lm-eval when installed, see
+    ``zero_shot_harness``), examples ``start`` .. ``start + limit - 1``;
+    ``task_batch_size`` requests (choices) per forward pass. Returns ``{"acc",
+    "acc_stderr", ["acc_norm", "acc_norm_stderr"], "n", "headline", "chance",
+    "seconds"}`` (fractions)."""
+    check_limit(limit)
+    check_start(start)
+    _check_task_batch_size(task_batch_size)
+    get_task(name)
+    check_files(name, data_dir)
+    if zero_shot_harness(harness) == "lm-eval":
+        from .lmeval import evaluate_zero_shot
+
+        return evaluate_zero_shot(model, tokenizer, [name], data_dir, limit=limit, start=start,
+                                  batch_size=task_batch_size, progress=progress, max_length=max_length)[name]
+    return builtin_evaluate_task(model, tokenizer, name, data_dir, limit=limit, progress=progress,
+                                 max_length=max_length, start=start, batch_size=task_batch_size)
+
+
+DATA_ENV = "COME_FAST_DATA_DIR"
+OLD_DATA_ENV = "COME_FAST_DATA"  # the command line's old name: still read, with a DeprecationWarning, for one release
 
 
 def default_data_dir() -> Path:
-    """``$COME_FAST_DATA_DIR`` if set, else ``shared/data`` next to the repository."""
-    env = os.environ.get("COME_FAST_DATA_DIR")
+    """The evaluation data folder (wikitext2/, piqa/, ...): ``$COME_FAST_DATA_DIR``
+    if set (``$COME_FAST_DATA``, its deprecated old name, is still read, with a
+    DeprecationWarning, this release), else ``shared/data`` next to the
+    repository, else ``../shared/data`` from the current folder where only that
+    one exists. The one source of the default for the API and the command line."""
+    env = os.environ.get(DATA_ENV)
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[3] / "shared" / "data"
+    old = os.environ.get(OLD_DATA_ENV)
+    if old:
+        warnings.warn(f"${OLD_DATA_ENV} is deprecated and will not be read after this release: set "
+                      f"${DATA_ENV} instead (read from {old})", DeprecationWarning, stacklevel=2)
+        return Path(old)
+    here = Path(__file__).resolve().parents[3] / "shared" / "data"
+    if not here.is_dir():
+        try:
+            beside_cwd = Path.cwd() / ".." / "shared" / "data"
+        except OSError:  # the current folder is gone
+            return here
+        if beside_cwd.is_dir():
+            return beside_cwd.resolve()
+    return here
 
 
 def _check_task_names(tasks: Iterable[str]) -> list[str]:
@@ -65,15 +164,21 @@ def _check_data(tasks: Iterable[str], data_dir: Path) -> None:
 
 def evaluate(model, tokenizer, tasks: Iterable[str] = ALL_TASKS, data_dir=None, limit: Optional[int] = None,
              ppl_windows: Optional[int] = 40, progress: bool = True, baseline: Optional[Mapping] = None,
-             ppl_seq_len: int = 512, batch_size: int = 1) -> dict:
+             ppl_seq_len: int = 512, batch_size: int = 1, start: int = 0, harness: str = "auto",
+             task_batch_size: int = 16) -> dict:
     """Evaluate ``model`` on ``tasks``.
 
     ``limit=N`` keeps the first N examples of each zero-shot task (the dev slice
-    is 200); ``ppl_windows`` is the number of 512-token WikiText-2 windows
-    (None: the whole test set), ``batch_size`` of them per forward pass (the
-    zero-shot tasks score one example at a time, its choices as one batch
-    sharing the context's cache). With ``baseline`` (an earlier result of this
-    function for the dense model) the result also carries the above-chance share.
+    is 200), from index ``start`` (``start=200, limit=300``: the examples
+    docs/evaluation.md's reference numbers were measured on); ``ppl_windows`` is
+    the number of 512-token WikiText-2 windows (None: the whole test set),
+    ``batch_size`` of them per forward pass. The zero-shot tasks run
+    ``task_batch_size`` requests (choices) per forward pass, the choices of a
+    question on the KV cache of their shared context (lm-eval's ``batch_size``).
+    ``harness``: who scores the zero-shot tasks, "auto" (lm-eval when installed,
+    else the built-in scorer with a warning), "lm-eval" or "builtin". With
+    ``baseline`` (an earlier result of this function for the dense model) the
+    result also carries the above-chance share.
 
     Returns::
 
@@ -86,33 +191,48 @@ def evaluate(model, tokenizer, tasks: Iterable[str] = ALL_TASKS, data_dir=None, 
     """
     names = _check_task_names(tasks)
     check_limit(limit)
+    check_start(start)
     check_windows(ppl_windows)
     check_batch_size(batch_size)
+    _check_task_batch_size(task_batch_size)
     if tokenizer is None:
         raise ValueError("evaluation needs the model's tokenizer, and none was found: the model folder holds no "
                          "tokenizer files (save one beside the checkpoint) and none was passed (tokenizer=)")
     data_dir = Path(default_data_dir() if data_dir is None else data_dir)
     _check_data(names, data_dir)
-    start = time.perf_counter()
+    t_start = time.perf_counter()
+    zero_shot = [n for n in names if n != PERPLEXITY_TASK]
+    which = zero_shot_harness(harness) if zero_shot else None
+    lm_eval_results = {}
+    if which == "lm-eval":
+        from .lmeval import evaluate_zero_shot
+
+        lm_eval_results = evaluate_zero_shot(model, tokenizer, zero_shot, data_dir, limit=limit, start=start,
+                                             batch_size=task_batch_size, progress=progress)
     per_task = {}
     for name in names:
-        if name == PERPLEXITY_TASK:
+        if name in lm_eval_results:
+            per_task[name] = lm_eval_results[name]
+        elif name == PERPLEXITY_TASK:
             t0 = time.perf_counter()
             d = wikitext2_perplexity_details(model, tokenizer, data_dir, seq_len=ppl_seq_len, windows=ppl_windows,
                                              progress=progress, batch_size=batch_size)
             per_task[name] = {"ppl": d["ppl"], "windows": d["windows"], "tokens": d["tokens"],
                               "seconds": round(time.perf_counter() - t0, 3)}
         else:
-            per_task[name] = evaluate_task(model, tokenizer, name, data_dir, limit=limit, progress=progress)
+            per_task[name] = builtin_evaluate_task(model, tokenizer, name, data_dir, limit=limit, progress=progress,
+                                                   start=start, batch_size=task_batch_size)
     result = {"tasks": per_task}
     avg = average_accuracy(result)
     if avg is not None:
         result["average"] = avg
     if baseline is not None:
         result["above_chance"] = above_chance_share(result, baseline)
-    result["config"] = {"limit": limit, "ppl_windows": ppl_windows, "ppl_seq_len": ppl_seq_len,
-                        "data_dir": str(data_dir)}
-    result["seconds"] = round(time.perf_counter() - start, 3)
+    result["config"] = {"limit": limit, "start": start, "ppl_windows": ppl_windows, "ppl_seq_len": ppl_seq_len,
+                        "task_batch_size": task_batch_size, "data_dir": str(data_dir)}
+    if which is not None:
+        result["config"]["harness"] = _harness_label(which)
+    result["seconds"] = round(time.perf_counter() - t_start, 3)
     return result
 
 

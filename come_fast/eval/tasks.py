@@ -1,8 +1,14 @@
 """The seven zero-shot multiple-choice tasks, read from local files and scored
 the way lm-evaluation-harness 0.4.13 scores them.
 
-What lm-eval does, and we reproduce (written from its task YAMLs and its HF
-model wrapper, not copied):
+The loaders turn each local file into the rows of the Hugging Face dataset that
+lm-eval's stock task reads (``allenai/ai2_arc``, ``Rowan/hellaswag``, ...), so
+the same rows feed lm-eval itself (``come_fast/eval/lm_eval_tasks/``, the path
+``come_fast.evaluate`` takes when lm-eval is installed) and the built-in
+scorer below (the fallback without lm-eval).
+
+What lm-eval does, and the built-in scorer reproduces (written from its task
+YAMLs and its HF model wrapper, not copied):
 
 - every choice becomes one loglikelihood request ``(context, " " + choice)``
   (``target_delimiter`` is a single space); WinoGrande is the exception
@@ -19,13 +25,16 @@ model wrapper, not copied):
 - the standard error is the sample standard deviation / sqrt(n).
 
 Speed (CPU): the token prefix shared by all choices of a question is run once
-and its KV cache reused for the choices, which run as one right-padded batch;
-the output head is applied only at the scored positions.
+and its KV cache reused for the choices; several questions share each pair of
+forward passes (prefixes, then suffixes, right-padded with an attention mask),
+and the output head is applied only at the scored positions (``score_groups``,
+also the fast path of the lm-eval model ``come_fast``).
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -114,58 +123,118 @@ def hellaswag_preprocess(text: str) -> str:
     return text.replace("  ", " ")
 
 
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]*\s")
+_ENDS_SENTENCE = re.compile(r"[.!?][\"')\]]*$")
+
+
+def split_hellaswag_context(ctx: str) -> tuple[str, str]:
+    """``(ctx_a, ctx_b)`` of a HellaSwag context whose two halves the local file
+    has already joined (``ctx_a + " " + ctx_b``).
+
+    lm-eval builds the query from ``ctx_a + " " + ctx_b.capitalize()``, so the
+    split matters. In HellaSwag, ``ctx_b`` is the lower-case start of the
+    sentence to be completed (ActivityNet items: "A man is sitting on a roof." +
+    "he"), or empty where the context ends with a full sentence (every WikiHow
+    item). So: a context that ends a sentence has no ``ctx_b``; otherwise
+    ``ctx_b`` is what follows the last sentence end (the whole context when
+    there is none). On the local validation file this finds a ``ctx_b`` for the
+    3,243 ActivityNet items and none for the 6,799 WikiHow ones; the first ten
+    items match the original ``hellaswag_val.jsonl`` exactly (tests).
+    """
+    ctx = ctx.strip()
+    if _ENDS_SENTENCE.search(ctx):
+        return ctx, ""
+    ends = list(_SENTENCE_END.finditer(ctx))
+    if not ends:
+        return "", ctx
+    cut = ends[-1].end()
+    return ctx[:cut].rstrip(), ctx[cut:]
+
+
 def _load_hellaswag(data_dir: Path) -> list[dict]:
-    # llama.cpp layout, 6 lines per question: "label: ctx", gold, 4 endings. The
-    # ctx is ctx_a + " " + ctx_b without lm-eval's ctx_b.capitalize(), which the
-    # file cannot undo (see SOURCES.md): a known, small difference.
+    # llama.cpp layout, 6 lines per question: "activity_label: ctx", gold, 4
+    # endings (the file's text already went through lm-eval's clean-up; see
+    # SOURCES.md). Rows as Rowan/hellaswag has them, ctx split back into
+    # ctx_a / ctx_b so that lm-eval's capitalisation of ctx_b applies.
     lines = _read_lines(data_dir / "hellaswag" / "validation.txt")
     while lines and not lines[-1].strip():
         lines.pop()
     if len(lines) % 6:
         raise ValueError(f"hellaswag: {len(lines)} lines is not a multiple of 6")
-    return [{"query": lines[i], "label": int(lines[i + 1]), "endings": lines[i + 2:i + 6]}
-            for i in range(0, len(lines), 6)]
+    docs = []
+    for ind, i in enumerate(range(0, len(lines), 6)):
+        label, sep, ctx = lines[i].partition(": ")
+        if not sep:
+            raise ValueError(f"hellaswag: line {i + 1} has no 'activity label: ' prefix: {lines[i]!r}")
+        ctx_a, ctx_b = split_hellaswag_context(ctx)
+        docs.append({"ind": ind, "activity_label": label, "ctx_a": ctx_a, "ctx_b": ctx_b, "ctx": ctx,
+                     "endings": lines[i + 2:i + 6], "label": lines[i + 1].strip()})
+    return docs
+
+
+def hellaswag_query(doc: dict) -> str:
+    """lm-eval's HellaSwag query: ``preprocess(activity_label + ": " + ctx_a + " " + ctx_b.capitalize())``."""
+    return hellaswag_preprocess(doc["activity_label"] + ": " + doc["ctx_a"] + " " + doc["ctx_b"].capitalize())
 
 
 def format_hellaswag(doc: dict) -> MCExample:
-    return _multiple_choice(hellaswag_preprocess(doc["query"]),
-                            [hellaswag_preprocess(e) for e in doc["endings"]], doc["label"])
+    return _multiple_choice(hellaswag_query(doc), [hellaswag_preprocess(e) for e in doc["endings"]], int(doc["label"]))
 
 
 # --- WinoGrande -------------------------------------------------------------
 
 
 def _load_winogrande(data_dir: Path) -> list[dict]:
-    return _read_jsonl(data_dir / "winogrande" / "validation.jsonl")
+    # The llm-foundry file holds the two scored contexts (sentence up to the
+    # blank + option) and the rest of the sentence; rows as allenai/winogrande
+    # has them are rebuilt from the contexts' common prefix. Where that prefix
+    # stops inside a word the options come out shorter, but lm-eval's choices
+    # (sentence[:blank] + option) and target (sentence[blank + 1:].strip()) are
+    # the same strings either way.
+    docs = []
+    for i, row in enumerate(_read_jsonl(data_dir / "winogrande" / "validation.jsonl")):
+        first, second = row["context_options"]
+        prefix = os.path.commonprefix([first, second])
+        if "_" in prefix:
+            raise ValueError(f"winogrande: row {i} has '_' before the blank: {first!r}")
+        docs.append({"sentence": prefix + "_ " + row["continuation"].strip(), "option1": first[len(prefix):],
+                     "option2": second[len(prefix):], "answer": str(int(row["gold"]) + 1)})
+    return docs
 
 
 def format_winogrande(doc: dict) -> MCExample:
-    # Partial scoring: contexts = sentence[:blank] + option (the file's
-    # context_options), scored continuation = " " + sentence[blank+1:].strip().
-    contexts = tuple(doc["context_options"])
-    continuation = TARGET_DELIMITER + doc["continuation"].strip()
-    return MCExample(tuple((c, continuation) for c in contexts), contexts, int(doc["gold"]))
+    # Partial scoring: the choices are the contexts (sentence[:blank] + option),
+    # the scored continuation " " + sentence[blank + 1:].strip().
+    blank = doc["sentence"].index("_")
+    contexts = tuple(doc["sentence"][:blank] + doc[k] for k in ("option1", "option2"))
+    continuation = TARGET_DELIMITER + doc["sentence"][blank + 1:].strip()
+    return MCExample(tuple((c, continuation) for c in contexts), contexts, {"1": 0, "2": 1}[doc["answer"]])
 
 
 # --- ARC --------------------------------------------------------------------
 
 
 def _arc_loader(subdir: str) -> Callable[[Path], list[dict]]:
-    return lambda data_dir: _read_jsonl(data_dir / subdir / "test.jsonl")
+    # The original AI2 files, as rows of allenai/ai2_arc (question = the stem).
+    def load(data_dir: Path) -> list[dict]:
+        return [{"id": d["id"], "question": d["question"]["stem"],
+                 "choices": {"text": [c["text"] for c in d["question"]["choices"]],
+                             "label": [c["label"] for c in d["question"]["choices"]]},
+                 "answerKey": d["answerKey"]} for d in _read_jsonl(data_dir / subdir / "test.jsonl")]
+    return load
 
 
 def format_arc(doc: dict) -> MCExample:
-    q = doc["question"]
-    labels = [c["label"] for c in q["choices"]]
-    return _multiple_choice(f"Question: {q['stem']}\nAnswer:", [c["text"] for c in q["choices"]],
-                            labels.index(doc["answerKey"]))
+    return _multiple_choice(f"Question: {doc['question']}\nAnswer:", doc["choices"]["text"],
+                            doc["choices"]["label"].index(doc["answerKey"]))
 
 
 # --- BoolQ ------------------------------------------------------------------
 
 
 def _load_boolq(data_dir: Path) -> list[dict]:
-    return _read_jsonl(data_dir / "boolq" / "validation.jsonl")
+    # SuperGLUE's jsonl, label as aps/super_glue has it (1 = true).
+    return [dict(d, label=_boolq_label(d["label"])) for d in _read_jsonl(data_dir / "boolq" / "validation.jsonl")]
 
 
 def _boolq_label(label) -> int:
@@ -201,17 +270,19 @@ def _split_obqa_choices(text: str) -> list[str]:
 
 
 def _load_openbookqa(data_dir: Path) -> list[dict]:
-    # The original TSV (not csv: question stems contain unbalanced quotes).
+    # The original TSV (not csv: question stems contain unbalanced quotes), as
+    # rows of allenai/openbookqa "main".
     lines = _read_lines(data_dir / "openbookqa" / "test.tsv")
     header, rows = lines[0].split("\t"), [line.split("\t") for line in lines[1:] if line.strip()]
-    col = {name: header.index(name) for name in ("Question Stem", "Choices", "Answer Key")}
-    return [{"question_stem": r[col["Question Stem"]],
-             "choices": _split_obqa_choices(r[col["Choices"]]),
-             "answerKey": r[col["Answer Key"]]} for r in rows]
+    col = {name: header.index(name) for name in ("ID", "Question Stem", "Choices", "Answer Key")}
+    return [{"id": r[col["ID"]], "question_stem": r[col["Question Stem"]],
+             "choices": {"text": _split_obqa_choices(r[col["Choices"]]), "label": list("ABCD")},
+             "answerKey": r[col["Answer Key"]].strip()} for r in rows]
 
 
 def format_openbookqa(doc: dict) -> MCExample:
-    return _multiple_choice(doc["question_stem"], doc["choices"], "ABCD".index(doc["answerKey"].strip()))
+    return _multiple_choice(doc["question_stem"], doc["choices"]["text"],
+                            doc["choices"]["label"].index(doc["answerKey"].lstrip()))
 
 
 TASKS: dict[str, TaskSpec] = {
@@ -256,14 +327,23 @@ def check_limit(limit) -> None:
         raise ValueError(f"limit must be a positive integer (the first N examples of each task) or None, got {limit!r}")
 
 
-def load_examples(name: str, data_dir, limit: Optional[int] = None) -> list[MCExample]:
-    """The task's examples in file order; ``limit=N`` keeps the first N."""
+def check_start(start) -> None:
+    """``start``: the index of the first example (a non-negative integer)."""
+    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+        raise ValueError(f"start must be a non-negative integer (the first example's index), got {start!r}")
+
+
+def load_examples(name: str, data_dir, limit: Optional[int] = None, start: int = 0) -> list[MCExample]:
+    """The task's examples in file order; ``limit=N`` keeps N of them, from
+    index ``start`` (0: the first N)."""
     spec = get_task(name)
     check_limit(limit)
+    check_start(start)
     check_files(name, data_dir)
     docs = spec.load(Path(data_dir))
-    if limit is not None:
-        docs = docs[:limit]
+    if start >= len(docs) and start:
+        raise ValueError(f"{name}: start={start} is past the task's {len(docs)} examples")
+    docs = docs[start:] if limit is None else docs[start:start + limit]
     return [spec.to_example(d) for d in docs]
 
 
@@ -355,39 +435,106 @@ def _pad_right(seqs: Sequence[Sequence[int]], device) -> torch.Tensor:
     return out.to(device)
 
 
-def sequence_loglikelihoods(model, token_pairs: Sequence[tuple[list[int], list[int]]], max_length: int,
-                            share_prefix: bool = True) -> list[float]:
-    """Summed log-probability of each continuation given its context (token
-    ids), for the few requests of one question, in one batch.
+def _prepare_group(pairs, max_length: int, share_prefix: bool):
+    inputs = [_model_input(c, t, max_length) for c, t in pairs]
+    n_scored = [len(t) for _, t in pairs]
+    first_scored = min(len(x) - n for x, n in zip(inputs, n_scored))
+    prefix = min(_common_prefix_len(inputs), first_scored) if share_prefix else 0
+    return inputs, n_scored, prefix
 
-    With ``share_prefix`` the token prefix common to all inputs (up to the first
-    scored position) is run once and its KV cache repeated for the batch.
-    Call under ``torch.inference_mode()``.
+
+def score_groups(model, groups: Sequence[Sequence[tuple[list[int], list[int]]]], max_length: int,
+                 share_prefix: bool = True, softmax_dtype: Optional[torch.dtype] = torch.float32
+                 ) -> list[list[tuple[float, bool]]]:
+    """``(summed log-probability, is_greedy)`` of each continuation given its
+    context (token ids): what lm-eval's ``loglikelihood`` returns per request,
+    for ``groups`` of requests (a group: the choices of one question).
+
+    With ``share_prefix`` each group's token prefix common to its inputs (up to
+    the first scored position) runs once and its KV cache serves every request
+    of the group; all groups go through two forward passes (their prefixes as
+    one right-padded batch, then all their requests' suffixes on the repeated
+    cache), with an attention mask and position ids where prefixes differ in
+    length. A group without a common prefix runs as one plain batch. The output
+    head is applied only at the scored positions. ``softmax_dtype``: the
+    log-softmax's dtype (None: the logits' own, as lm-eval's HFLM does by
+    default). Inputs are lm-eval's (left-truncated to ``max_length``). Call
+    under ``torch.inference_mode()``.
     """
     decoder = model.get_decoder()
     head = model.get_output_embeddings()
     device = next(model.parameters()).device
-    inputs = [_model_input(c, t, max_length) for c, t in token_pairs]
-    n_scored = [len(t) for _, t in token_pairs]
-    first_scored = min(len(x) - n for x, n in zip(inputs, n_scored))
-    prefix = min(_common_prefix_len(inputs), first_scored) if share_prefix else 0
+    prepared = [_prepare_group(g, max_length, share_prefix) for g in groups]
+    hidden_rows: list = [None] * len(groups)  # per group: the hidden states predicting its scored tokens
 
-    if prefix > 0:
+    for gi, (inputs, n_scored, prefix) in enumerate(prepared):
+        if prefix == 0:  # nothing shared: one plain right-padded batch
+            hidden = decoder(input_ids=_pad_right(inputs, device), use_cache=False).last_hidden_state
+            hidden_rows[gi] = [hidden[i, len(x) - n:len(x)] for i, (x, n) in enumerate(zip(inputs, n_scored))]
+
+    shared = [gi for gi, (_, _, prefix) in enumerate(prepared) if prefix > 0]
+    if shared:
         key = _cache_kwarg(decoder)
-        out = decoder(input_ids=torch.tensor([inputs[0][:prefix]], device=device), use_cache=True)
-        cache = _returned_cache(out)
-        cache.batch_repeat_interleave(len(inputs))
-        suffixes = _pad_right([x[prefix:] for x in inputs], device)
-        hidden = decoder(input_ids=suffixes, use_cache=True, **{key: cache}).last_hidden_state
-    else:
-        hidden = decoder(input_ids=_pad_right(inputs, device), use_cache=False).last_hidden_state
+        prefixes = [prepared[gi][2] for gi in shared]
+        row_group = [k for k, gi in enumerate(shared) for _ in prepared[gi][0]]
+        suffixes = [x[prepared[gi][2]:] for gi in shared for x in prepared[gi][0]]
+        prefix_ids = _pad_right([prepared[gi][0][0][:prepared[gi][2]] for gi in shared], device)
+        suffix_ids = _pad_right(suffixes, device)
+        if len(shared) == 1:  # one prefix: no padding inside the sequence, no mask needed
+            out = decoder(input_ids=prefix_ids, use_cache=True)
+            cache = _returned_cache(out)
+            cache.batch_select_indices(torch.tensor(row_group, device=device))
+            hidden = decoder(input_ids=suffix_ids, use_cache=True, **{key: cache}).last_hidden_state
+        else:
+            width_p, width_s = prefix_ids.shape[1], suffix_ids.shape[1]
+            p = torch.tensor(prefixes, device=device)
+            prefix_mask = (torch.arange(width_p, device=device)[None, :] < p[:, None]).long()
+            out = decoder(input_ids=prefix_ids, attention_mask=prefix_mask,
+                          position_ids=torch.arange(width_p, device=device).expand(len(shared), -1), use_cache=True)
+            cache = _returned_cache(out)
+            rows = torch.tensor(row_group, device=device)
+            cache.batch_select_indices(rows)
+            lengths = torch.tensor([len(x) for x in suffixes], device=device)
+            suffix_mask = (torch.arange(width_s, device=device)[None, :] < lengths[:, None]).long()
+            hidden = decoder(input_ids=suffix_ids, attention_mask=torch.cat([prefix_mask[rows], suffix_mask], dim=1),
+                             position_ids=p[rows][:, None] + torch.arange(width_s, device=device)[None, :],
+                             use_cache=True, **{key: cache}).last_hidden_state
+        r = 0
+        for gi in shared:
+            inputs, n_scored, prefix = prepared[gi]
+            hidden_rows[gi] = []
+            for x, n in zip(inputs, n_scored):
+                hidden_rows[gi].append(hidden[r, len(x) - n - prefix:len(x) - prefix])
+                r += 1
 
-    # Gather only the hidden states that predict continuation tokens.
-    rows = [hidden[i, len(x) - n - prefix:len(x) - prefix] for i, (x, n) in enumerate(zip(inputs, n_scored))]
-    logprobs = F.log_softmax(head(torch.cat(rows)).float(), dim=-1)
-    targets = torch.tensor([tok for _, t in token_pairs for tok in t], device=device)
+    flat_n = [n for _, n_scored, _ in prepared for n in n_scored]
+    logprobs = F.log_softmax(head(torch.cat([h for rows in hidden_rows for h in rows])), dim=-1, dtype=softmax_dtype)
+    targets = torch.tensor([tok for g in groups for _, t in g for tok in t], device=device)
     token_lp = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1)
-    return [part.sum().item() for part in torch.split(token_lp, n_scored)]
+    hits = logprobs.argmax(dim=-1) == targets
+    scores = [(float(lp.sum()), bool(h.all())) for lp, h in zip(torch.split(token_lp, flat_n),
+                                                                torch.split(hits, flat_n))]
+    out, i = [], 0
+    for g in groups:
+        out.append(scores[i:i + len(g)])
+        i += len(g)
+    return out
+
+
+def sequence_scores(model, token_pairs: Sequence[tuple[list[int], list[int]]], max_length: int,
+                    share_prefix: bool = True, softmax_dtype: Optional[torch.dtype] = torch.float32
+                    ) -> list[tuple[float, bool]]:
+    """``score_groups`` for the requests of one question."""
+    return score_groups(model, [token_pairs], max_length, share_prefix=share_prefix, softmax_dtype=softmax_dtype)[0]
+
+
+def sequence_loglikelihoods(model, token_pairs: Sequence[tuple[list[int], list[int]]], max_length: int,
+                            share_prefix: bool = True) -> list[float]:
+    """Summed log-probability of each continuation given its context (token
+    ids), for the few requests of one question, in one batch (float32
+    log-softmax); see ``sequence_scores``. Call under ``torch.inference_mode()``.
+    """
+    return [ll for ll, _ in sequence_scores(model, token_pairs, max_length, share_prefix=share_prefix)]
 
 
 def choice_loglikelihoods(model, tokenizer, example: MCExample, max_length: Optional[int] = None,
@@ -447,8 +594,11 @@ def aggregate(per_example: Sequence[dict], metrics: Sequence[str]) -> dict:
 
 
 def evaluate_task(model, tokenizer, name: str, data_dir, limit: Optional[int] = None, progress: bool = True,
-                  max_length: Optional[int] = None) -> dict:
-    """Zero-shot accuracy of ``model`` on one task.
+                  max_length: Optional[int] = None, start: int = 0, batch_size: int = 16) -> dict:
+    """Zero-shot accuracy of ``model`` on one task, scored by the built-in
+    scorer (``come_fast.eval.evaluate_task`` uses lm-eval when installed).
+    Questions are scored longest first, up to ``batch_size`` requests (choices)
+    per pair of forward passes (``score_groups``), at least one question.
 
     Returns ``{"acc", "acc_stderr", ["acc_norm", "acc_norm_stderr"], "n",
     "headline", "chance", "seconds"}`` (fractions, not percentages).
@@ -456,19 +606,30 @@ def evaluate_task(model, tokenizer, name: str, data_dir, limit: Optional[int] = 
     from tqdm.auto import tqdm
 
     spec = get_task(name)
-    examples = load_examples(name, data_dir, limit)
+    examples = load_examples(name, data_dir, limit, start=start)
     max_length = model_max_length(model, tokenizer) if max_length is None else max_length
-    start = time.perf_counter()
+    start_time = time.perf_counter()
     was_training = model.training
     model.eval()
-    scores = []
+    pairs = [[encode_pair(tokenizer, ctx, cont) for ctx, cont in ex.requests] for ex in examples]
+    order = sorted(range(len(examples)), key=lambda i: -max(len(c) + len(t) for c, t in pairs[i]))
+    chunks, chunk = [], []
+    for i in order:
+        if chunk and sum(len(pairs[j]) for j in chunk) + len(pairs[i]) > batch_size:
+            chunks.append(chunk)
+            chunk = []
+        chunk.append(i)
+    if chunk:
+        chunks.append(chunk)
+    scores: list = [None] * len(examples)
     try:
-        with torch.inference_mode():
-            for ex in tqdm(examples, desc=name, disable=not progress):
-                lls = choice_loglikelihoods(model, tokenizer, ex, max_length)
-                scores.append(score_choices(lls, ex.choices, ex.gold))
+        with torch.inference_mode(), tqdm(total=len(examples), desc=name, disable=not progress) as bar:
+            for chunk in chunks:
+                for i, group in zip(chunk, score_groups(model, [pairs[i] for i in chunk], max_length)):
+                    scores[i] = score_choices([ll for ll, _ in group], examples[i].choices, examples[i].gold)
+                bar.update(len(chunk))
     finally:
         model.train(was_training)
     result = aggregate(scores, spec.metrics)
-    result.update(headline=spec.headline, chance=spec.chance, seconds=round(time.perf_counter() - start, 3))
+    result.update(headline=spec.headline, chance=spec.chance, seconds=round(time.perf_counter() - start_time, 3))
     return result

@@ -74,7 +74,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import layerops as ops
-from ..calibration import LayerStream, run_layers
+from ..calibration import LayerStream
 from ..merge import replace_window, sublayer_modules
 from . import Context, Outcome, number, one_of, register
 
@@ -175,9 +175,9 @@ def fit_block(stream: LayerStream, start: int, n: int, ridge: float = 0.0) -> Fi
         for i in range(0, stream.n, stream.bs):
             xb = x[i:i + stream.bs]
             seen.clear()
-            run_layers(a, [layer], xb, stream.position_ids, stream.position_embeddings[xb.shape[0]])
-            m = seen["m"].reshape(-1, d).double()
-            r = teacher[i:i + stream.bs].reshape(-1, d).double() - seen["y"].reshape(-1, d).double()
+            stream.forward_layer(layer, xb)  # on the layer's own device (device_map); the hooks take y and m
+            m = seen["m"].reshape(-1, d).to(dev).double()  # where the layer ran: its device (device_map)
+            r = teacher[i:i + stream.bs].reshape(-1, d).double() - seen["y"].reshape(-1, d).to(dev).double()
             mtm.addmm_(m.T, m)
             mtr.addmm_(m.T, r)
             rtr += float((r * r).sum())
