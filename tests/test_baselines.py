@@ -92,6 +92,34 @@ def test_reverse_recovery_trains_only_the_tail_and_lowers_the_loss():
     assert all(p.requires_grad for p in model.parameters())  # flags restored
 
 
+class _PlainHead(torch.nn.Linear):
+    """The same linear map with its own forward: the recovery then takes the
+    materialised-logits loss instead of the fused linear + KL."""
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+@pytest.mark.parametrize("ce", [0.0, 0.5])
+def test_reverse_recovery_fused_loss_matches_materialised_logits(ce):
+    ids = tokens()
+    runs = []
+    for plain in (False, True):
+        model = tiny_model("llama", num_hidden_layers=7)
+        if plain:
+            head = _PlainHead(model.lm_head.in_features, model.lm_head.out_features, bias=False)
+            head.weight = model.lm_head.weight
+            model.lm_head = head
+        res = come_fast.compress(model, target_layers=5, method="reverse", calib=ids, recover=True,
+                                 recover_steps=5, recover_lr=3e-3, recover_ce=ce)
+        runs.append((res.report[1]["recovery"], model))
+    (fused, m_fused), (plain, m_plain) = runs
+    assert fused["loss_before"] == pytest.approx(plain["loss_before"], rel=1e-5)
+    assert fused["loss_after"] == pytest.approx(plain["loss_after"], rel=1e-4)
+    assert fused["loss_after"] < fused["loss_before"]
+    torch.testing.assert_close(m_fused.lm_head.weight, m_plain.lm_head.weight, rtol=1e-4, atol=1e-5)
+
+
 # -- loss-based: SLEB, PPL ----------------------------------------------------------------
 
 def test_sleb_removes_the_argmin_of_a_plain_loss_loop_greedily():

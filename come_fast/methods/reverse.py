@@ -65,12 +65,19 @@ def _recover(ctx, stream, teacher, w0, b0, settings: dict) -> dict:
     trained = list(a.layers[start:]) + [a.final_norm, a.lm_head]
     params = [p for m in trained for p in m.parameters()]
 
+    fused = type(a.lm_head).forward is torch.nn.Linear.forward
+
     def forward(idx):
         x = run_layers(a, a.layers[start:], x_in[idx], pos)
-        logits = a.lm_head(a.final_norm(x))[:, :-1]
+        h = a.final_norm(x)[:, :-1]
+        labels = tokens[idx, 1:].to(h.device)
+        if fused:  # the chunked linear + KL (distill.fused_kl): neither model's [tokens, vocab] logits held whole
+            return {"head_input": h, "head_weight": a.lm_head.weight, "head_bias": a.lm_head.bias,
+                    "head_input_target": teacher[idx][:, :-1], "head_weight_target": w0, "head_bias_target": b0,
+                    "labels": labels}
         with torch.no_grad():
             tl = torch.nn.functional.linear(teacher[idx], w0, b0)[:, :-1]
-        return {"logits": logits, "logits_target": tl, "labels": tokens[idx, 1:].to(logits.device)}
+        return {"logits": a.lm_head(h), "logits_target": tl, "labels": labels}
 
     w = LossWeights(mse=0.0, kl=float(o.get("recover_kl", 1.0)), ce=float(o.get("recover_ce", 0.0)))
     bs = int(o.get("recover_batch", 2))
