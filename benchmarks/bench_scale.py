@@ -3,14 +3,16 @@ memory and with offload="disk", on random-weight Llama checkpoints of growing
 size (bfloat16 on disk, sharded), each run in a fresh process.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_scale.py --sizes 0.1 --method shortgpt
-    # later, on an idle machine (a 3B model is ~6 GB in bf16 on disk, 12 GB in float32 in memory):
-    .venv/bin/python benchmarks/bench_scale.py --sizes 0.5,1,3 --modes disk,memory --method shortgpt \
-        --n-samples 8 --seq-len 128 --out benchmarks/scale.json
+    # on an idle machine (a 3B model is ~6 GB in bf16 on disk, 12 GB in float32 in memory):
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_scale.py --sizes 0.5,1,3 --modes disk,memory \
+        --dtype bfloat16 --method shortgpt --n-samples 8 --seq-len 128 --out benchmarks/scale_bf16.json
 
-Peak RSS is the child's ru_maxrss. In memory the model is float32 (as
-load_model reads it), so its RSS grows with 4 bytes per parameter; the disk
-mode's should stay near the embeddings and head plus four decoder layers plus
-the cached boundaries. Results are printed as a table and written as JSON.
+Peak RSS is the child's ru_maxrss. ``--dtype``: the dtype the model is
+compressed in (``compress(..., dtype=)``; float32 by default, twice the bf16
+checkpoint's size). In memory the RSS grows with the whole model; the disk
+mode's should stay near the embeddings and head plus a few decoder layers
+(``offload.capacity_for``) plus the cached boundaries. Results are printed and
+written as JSON.
 """
 from __future__ import annotations
 
@@ -56,11 +58,11 @@ def build(size: str, root: Path) -> Path:
 CHILD = r"""
 import json, sys, time, resource, torch
 from come_fast import api, offload
-folder, out, mode, method, n, T = sys.argv[1:7]
+folder, out, mode, method, n, T, dtype = sys.argv[1:8]
 torch.manual_seed(0)
 calib = torch.randint(0, 32000, (int(n), int(T)))
 t0 = time.perf_counter()
-res = api.compress(folder, ratio=0.3, method=method, calib=calib, batch_size=2,
+res = api.compress(folder, ratio=0.3, method=method, calib=calib, batch_size=2, dtype=dtype,
                    offload="disk" if mode == "disk" else None)
 t1 = time.perf_counter()
 api.save(res, out, overwrite=True)
@@ -73,9 +75,9 @@ print(json.dumps({"compress_s": t1 - t0, "save_s": t2 - t1, "params_before": res
 """
 
 
-def run(folder: Path, out: Path, mode: str, method: str, n: int, T: int) -> dict:
+def run(folder: Path, out: Path, mode: str, method: str, n: int, T: int, dtype: str) -> dict:
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-c", CHILD, str(folder), str(out), mode, method, str(n), str(T)],
+    p = subprocess.run([sys.executable, "-c", CHILD, str(folder), str(out), mode, method, str(n), str(T), dtype],
                        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": os.environ.get(
                            "OMP_NUM_THREADS", "1")})
     if p.returncode:
@@ -90,6 +92,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", default="0.1", help=f"comma-separated, of {', '.join(SHAPES)} (billions)")
     ap.add_argument("--modes", default="memory,disk")
     ap.add_argument("--method", default="shortgpt")
+    ap.add_argument("--dtype", default="float32", help="the dtype the model is compressed in (float32, bfloat16)")
     ap.add_argument("--n-samples", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--root", default=os.path.expanduser("~/.cache/come_fast/bench_scale"))
@@ -101,10 +104,10 @@ def main(argv=None) -> int:
     for size in args.sizes.split(","):
         folder = build(size, root)
         for mode in args.modes.split(","):
-            rec = run(folder, root / f"out-{size}b-{mode}", mode, args.method, args.n_samples, args.seq_len)
-            rec.update(size=size, method=args.method, calibration=[args.n_samples, args.seq_len])
+            rec = run(folder, root / f"out-{size}b-{mode}", mode, args.method, args.n_samples, args.seq_len, args.dtype)
+            rec.update(size=size, method=args.method, calibration=[args.n_samples, args.seq_len], dtype=args.dtype)
             records.append(rec)
-            print(f"{size}B {mode:6s} {args.method}: {rec['params_before'] / 1e6:.0f}M params, compress "
+            print(f"{size}B {mode:6s} {args.dtype} {args.method}: {rec['params_before'] / 1e6:.0f}M params, compress "
                   f"{rec['compress_s']:.1f} s, save {rec['save_s']:.1f} s, wall {rec['wall_s']:.1f} s, peak RSS "
                   f"{rec['peak_rss_mb']:.0f} MB" + (f", peak layers {rec['peak_layer_bytes'] / 2**20:.0f} MiB "
                                                     f"+ fixed {rec['fixed_bytes'] / 2**20:.0f} MiB"

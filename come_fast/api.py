@@ -159,12 +159,29 @@ def _check_refit_data(tokens: torch.Tensor, adapter) -> None:
                          f"got {n} rows x {T} tokens")
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _load_dtype(model, dtype) -> torch.dtype:
+    """``compress``'s ``dtype=``, checked before any work."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, str) and dtype in DTYPES:
+        dtype = DTYPES[dtype]
+    if dtype not in DTYPES.values():
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)} (or the torch dtype), got {dtype!r}")
+    if not isinstance(model, (str, os.PathLike)):
+        raise ValueError("dtype= sets the dtype a model is loaded in, for a name or folder; a loaded model "
+                         "compresses in its own dtype (cast it first: model.to(torch.bfloat16))")
+    return dtype
+
+
 def compress(model, ratio: float | None = None, method: str = "come", calib=None, target_layers: int | None = None, *,
              tokenizer=None, faithful: bool = False, allow_repeat: bool | None = None, n_samples: int = 32,
              seq_len: int = 256, batch_size: int = 2, backend: str = "auto", rounding: str = "nearest",
              seed: int = 0, progress: bool | Any = None, on_step=None, distill_steps: int = 0, teacher=None,
              compensate="auto", text_column: str = "text", exact: bool = False, width_multiple: int | None = None,
-             offload: str | None = None, **options) -> CompressionResult:
+             offload: str | None = None, dtype=None, **options) -> CompressionResult:
     """Compress ``model`` in place by depth and return a ``CompressionResult``.
 
     ``model``: a Hugging Face causal LM (Llama, Mistral, Qwen2, Qwen3) or a name
@@ -228,6 +245,12 @@ def compress(model, ratio: float | None = None, method: str = "come", calib=None
     placed (device, hooks, offload) where the first layer of its span was,
     ``hf_device_map`` renumbered (come_fast/devicemap.py; with offloaded
     weights the restrictions of ``offload="disk"`` apply).
+    ``dtype``: when ``model`` is a name or folder, the dtype it is loaded and
+    compressed in (a ``torch.dtype`` or "float32", "bfloat16", "float16";
+    default float32); with ``offload="disk"`` the dtype each layer is read
+    into and computes in, so a bfloat16 checkpoint streamed in bfloat16 holds
+    half the memory of the float32 default (the result is the in-memory run's
+    in the same dtype, bit for bit). A loaded model keeps its own dtype.
     ``progress``: True for tqdm bars (merges, layers scored, calibration
     sampling), False for none, a callable ``(label, done, total)``, or None
     (default): bars when stderr is a terminal. Every long step is also logged
@@ -239,13 +262,14 @@ def compress(model, ratio: float | None = None, method: str = "come", calib=None
     if progress is None:
         progress = sys.stderr.isatty()
     base_model = base_model_of(model)  # before loading: a name or folder as given
+    dtype = _load_dtype(model, dtype)
     if offload is not None:
         _offload.check_request(model, offload, method, calib=calib, distill_steps=distill_steps, teacher=teacher,
                                on_step=on_step, exact=exact)
-        model, tok = _offload.lazy_model(model)
+        model, tok = _offload.lazy_model(model, dtype=dtype, capacity=_offload.capacity_for(method, options))
         tokenizer = tokenizer or tok
     if isinstance(model, (str, os.PathLike)):
-        model, tok = load_model(model)
+        model, tok = load_model(model, dtype=dtype)
         tokenizer = tokenizer or tok
     a = adapter_for(model)
     if (ratio is None) == (target_layers is None):

@@ -153,17 +153,16 @@ def _compress(args) -> int:
     t0 = time.perf_counter()
     offload = getattr(args, "offload", None)
     if offload:  # the layers are read from the folder a few at a time, inside compress (come_fast/offload.py)
-        if args.dtype != "float32":
-            raise ValueError("--offload disk computes in float32 (the layers are read and cast one at a time); "
-                             "drop --dtype")
         model, tok = args.model, None
-        print(f"streaming {args.model} from disk (--offload disk): a few decoder layers in memory at a time")
+        print(f"streaming {args.model} from disk (--offload disk): a few decoder layers in memory at a time, "
+              f"in {args.dtype}")
     else:
         model, tok = load_model(args.model, dtype=_torch_dtype(args.dtype), device=args.device)
         print(f"loaded {args.model}: {model.config.num_hidden_layers} layers "
               f"({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {args.dtype} on {args.device}) "
               f"in {time.perf_counter() - t0:.1f} s")
-    res = api.compress(model, offload=offload, ratio=args.ratio, target_layers=args.target_layers, method=args.method,
+    res = api.compress(model, offload=offload, **({"dtype": args.dtype} if offload else {}),  # loaded above otherwise
+                       ratio=args.ratio, target_layers=args.target_layers, method=args.method,
                        calib=calib, text_column=args.text_column, tokenizer=tok, faithful=args.faithful, allow_repeat=args.allow_repeat,
                        n_samples=args.n_samples, seq_len=args.seq_len, batch_size=args.batch_size,
                        backend=args.backend, rounding=args.rounding, seed=args.seed, progress=not args.quiet,

@@ -2,14 +2,18 @@
 
 ``compress(folder, ..., offload="disk")`` builds the model on the meta device
 and materialises only the embeddings, the final norm and the head; each
-decoder layer is read from the folder's (memory-mapped) safetensors files when
-it is used and released again when more than ``capacity`` layers are resident,
-least recently used first. Layers a method makes (merges, refits) are adopted
-when they enter the model's layer list and, when released, written to a
-temporary safetensors file and read back from there. ``save`` then writes the
-result one layer at a time (one shard per layer). The decisions and the
-tensors are the ones the in-memory run makes: the layers compute on the same
-float32 CPU tensors, in the same order.
+decoder layer is read from the folder's safetensors files when it is used
+(plain reads into tensors the process owns: no memory map keeps pages
+resident) and released again when more than ``capacity`` layers are resident
+(``capacity_for``: 4 for a merge, 2 for a deletion), least recently used
+first, its freed pages handed back to the system. Layers a method makes
+(merges, refits) are adopted when they enter the model's layer list and, when
+released, written to a temporary safetensors file and read back from there.
+``save`` then writes the result one layer at a time (one shard per layer).
+The decisions and the tensors are the ones the in-memory run makes in the same
+dtype (``compress(..., dtype=)``, float32 by default; a bfloat16 checkpoint
+streamed in bfloat16 needs half the memory): the layers compute on the same
+CPU tensors, in the same order.
 
 What makes it work without touching the methods: the model's layer list is a
 ``LazyLayers`` (a ``ModuleList`` that materialises layer i on ``layers[i]``),
@@ -25,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 import weakref
 from collections import OrderedDict
@@ -37,6 +42,16 @@ MODES = ("disk",)
 # the methods checked bit for bit against the in-memory run (tests/test_offload.py)
 SUPPORTED = ("come", "come-p", "shortgpt", "reverse", "sleb", "ppl", "laco", "replaceme")
 DEFAULT_CAPACITY = 4  # resident decoder layers (CoMe's merge holds two sources and the merge at once)
+
+
+def capacity_for(method: str, options: dict) -> int:
+    """Decoder layers a method needs resident at once: a merge holds its
+    sources and the merged layer (LaCo: ``laco_layers`` sources), a deletion
+    or a refit one layer and the next; fewer layers, less peak memory (at 3B
+    in bfloat16 each layer is 192 MiB)."""
+    if method == "laco":
+        return int(options.get("laco_layers", 4)) + 1
+    return DEFAULT_CAPACITY if method in ("come", "come-p") else 2
 
 
 class OffloadError(ValueError):
@@ -130,20 +145,18 @@ class LayerStore:
         self.keep = None
 
     # files --------------------------------------------------------------------------
-    def _open(self, path: Path):
-        from safetensors import safe_open
-
+    def _open(self, path: Path) -> "_SafetensorsFile":
         key = str(path)
         h = self._handles.get(key)
         if h is None:
-            h = self._handles[key] = safe_open(key, framework="pt", device="cpu")
+            h = self._handles[key] = _SafetensorsFile(key)
         return h
 
     def read(self, name: str, path: Path | None = None, device=None, convert: bool = True) -> torch.Tensor:
         """One tensor, converted as ``from_pretrained(dtype=...)`` converts it
         (``convert=False``: as stored, e.g. a spilled layer)."""
         path = path or self.folder / self.weight_map[name]
-        t = self._open(path).get_tensor(name)
+        t = self._open(path).read(name)
         if convert and t.is_floating_point() and t.dtype != self.dtype:
             t = t.to(self.dtype)
         return t.to(self.device if device is None else device)
@@ -247,7 +260,9 @@ class LayerStore:
                         raise ValueError(f"model parameter {prefix + n} holds NaN or Inf: refusing to compress")
             for n, t in tensors.items():
                 _set_param(module, n, nn.Parameter(t, requires_grad=params[n].requires_grad))
-        self._handles.clear()  # unmap: the file's pages would otherwise stay in this process's RSS
+        self._handles.clear()
+        del tensors
+        _trim()  # the stored-dtype copies just converted
         self.loads += 1
         slot.loaded = self._snapshot(module)
         slot.dirty = False
@@ -290,6 +305,69 @@ class LayerStore:
         slot.dirty = False
         self.lru.pop(id(module), None)
         self.resident_bytes -= nbytes
+        _trim()
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+class _SafetensorsFile:
+    """A safetensors file read tensor by tensor with plain reads into tensors
+    this process owns. Not ``safe_open``: its tensors are views of a memory
+    map, and while one lives (the embeddings) every page read through that
+    map (every layer of the shard) stays in the process's RSS; a read copies
+    each tensor once and keeps no page of the file mapped."""
+
+    def __init__(self, path: str):
+        import struct
+
+        self.path = path
+        with open(path, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            self.header = json.loads(f.read(n))
+        self.base = 8 + n
+
+    def read(self, name: str) -> torch.Tensor:
+        info = self.header[name]
+        begin, end = info["data_offsets"]
+        t = torch.empty(info["shape"], dtype=_ST_DTYPES[info["dtype"]])
+        view = memoryview(t.view(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+        if len(view) != end - begin:
+            raise ValueError(f"{self.path}: tensor {name} holds {end - begin} bytes, its shape needs {len(view)}")
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.base + begin)
+            got = 0
+            while got < len(view):
+                k = f.readinto(view[got:])
+                if not k:
+                    raise ValueError(f"{self.path}: the file ends inside tensor {name}")
+                got += k
+        return t
+
+
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return lib if hasattr(lib, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _libc() if sys.platform.startswith("linux") else None
+
+
+def _trim() -> None:
+    """Hand the freed layer's pages back to the system: a layer's tensors are
+    below glibc's mmap threshold once it has grown, so they come from the heap,
+    and freeing them leaves the heap's pages resident (at 0.5B a third of the
+    peak RSS); ``malloc_trim`` returns every free page (glibc only)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def _set_param(module: nn.Module, name: str, value: nn.Parameter) -> None:

@@ -69,6 +69,25 @@ def test_disk_matches_memory_other_methods(src, tmp_path, method):
     _assert_same(tmp_path, *_both(src, tmp_path, method))
 
 
+@pytest.mark.parametrize("method", ["shortgpt", "come"])
+def test_bfloat16_disk_matches_bfloat16_memory(tmp_path, method):
+    # a bf16 checkpoint streamed in bf16 (half the float32 default's memory) is the bf16 in-memory run
+    src = tmp_path / "src"
+    tiny_model("llama", num_hidden_layers=LAYERS).to(torch.bfloat16).save_pretrained(src, max_shard_size="100KB")
+    mem, disk = _both(src, tmp_path, method, dtype="bfloat16")
+    _assert_same(tmp_path, mem, disk)
+    assert offload.store_of(disk.model).fixed_bytes == sum(
+        p.numel() * 2 for n, p in disk.model.named_parameters() if not n.startswith("model.layers."))
+    assert all(t.dtype == torch.bfloat16 for t in _tensors(tmp_path / "disk").values() if t.is_floating_point())
+
+
+def test_dtype_refused(src):
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        api.compress(str(src), ratio=0.3, method="shortgpt", calib=tokens(4, 32), offload="disk", dtype="int8")
+    with pytest.raises(ValueError, match="a loaded model"):
+        api.compress(tiny_model("llama"), ratio=0.3, method="shortgpt", calib=tokens(4, 32), dtype=torch.bfloat16)
+
+
 def test_faithful_come_matches(src, tmp_path):
     _assert_same(tmp_path, *_both(src, tmp_path, "come", faithful=True))
 
@@ -80,10 +99,11 @@ def test_peak_materialised_bytes(src, tmp_path, method):
     per_layer = sum(p.numel() * p.element_size() for p in r.model.model.layers[0].parameters())
     api.save(r, tmp_path / "out")
     assert store.loads > LAYERS  # layers were read, released and read again
-    # never more than the store's capacity (4 layers) of decoder layers, whatever the method did
-    assert 0 < store.peak_bytes <= offload.DEFAULT_CAPACITY * per_layer
+    # never more than the store's capacity of decoder layers (a merge: 4, a deletion: 2), whatever the method did
+    assert store.capacity == {"come": 4, "shortgpt": 2}[method] == offload.capacity_for(method, {})
+    assert 0 < store.peak_bytes <= store.capacity * per_layer
     assert store.peak_bytes < LAYERS * per_layer / 2 + 1
-    assert store.resident_bytes <= offload.DEFAULT_CAPACITY * per_layer
+    assert store.resident_bytes <= store.capacity * per_layer
     # the parts outside the layers: embeddings, final norm, head
     assert store.fixed_bytes == sum(p.numel() * 4 for n, p in r.model.named_parameters() if not n.startswith("model.layers."))
 
