@@ -91,7 +91,8 @@ def _find_tokenizer(model):
 
 
 DISTILL_VALIDATORS = {"distill_lr": methods.learning_rate, "distill_mse": methods.number(0),
-                      "distill_kl": methods.number(0), "distill_batch": methods.positive_int,
+                      "distill_kl": methods.number(0), "distill_ce": methods.number(0),
+                      "distill_batch": methods.positive_int,
                       **posttrain.OPTION_VALIDATORS}  # data, budget, validation, schedule, resume
 DISTILL_OPTIONS = frozenset(DISTILL_VALIDATORS)
 LS_VALIDATORS = methods.LS_VALIDATORS
@@ -207,7 +208,9 @@ def compress(model, ratio: float | None = None, method: str = "come", calib=None
     20% points of a 30% run.
     ``distill_steps=N``: after compressing, N steps of hierarchical distillation
     from the original model along the provenance (come_fast.posttrain; options
-    ``distill_lr`` 1e-4, ``distill_mse`` 1.0, ``distill_kl`` 1.0,
+    ``distill_lr`` 1e-4, ``distill_mse`` 1.0, ``distill_kl`` 1.0, ``distill_ce`` 0.0
+    (next-token cross-entropy on the rows; with ``distill_mse=0, distill_kl=0``
+    it is plain LM fine-tuning, no teacher run),
     ``distill_batch`` = batch_size) on the calibration rows, or on
     ``distill_data`` (any ``calib`` source, cut into rows of ``seq_len``; its
     first ``distill_val_rows`` rows, default 8, held apart: their loss is

@@ -7,6 +7,12 @@ hidden state after the LAST of those original layers, and the final
 next-token distributions are matched with a KL loss:
 
     loss = mse * mean_k ||h_k - t_k||^2 / ||t_k||^2  +  kl * KL(p_teacher || p_student)
+           [+ ce * CE(p_student, next token)]
+
+``ce`` (default 0) adds the student's own next-token cross-entropy on the rows
+(the KL then covers the positions that have a next token); ``mse=kl=0, ce=1``
+is plain LM fine-tuning of the compressed model, the baseline distillation is
+measured against (no teacher run per batch).
 
 Each layer's term is divided by the teacher target's mean square (taken once,
 before training, over the validation rows, or over the first 64 training rows
@@ -215,6 +221,7 @@ class DistillPlan:
     lr: float = 1e-4
     mse: float = 1.0
     kl: float = 1.0
+    ce: float = 0.0
     data: Any = None
     tokens: Optional[int] = None   # the training-token budget
     val_rows: Optional[int] = None
@@ -267,7 +274,8 @@ class DistillPlan:
         """The settings that make two runs the same (RunCheckpoint's key), less the
         provenance and the student's weights (known after compression)."""
         return run_settings(schedule=self.schedule, group=self.group, steps=self.run_steps,
-                            joint_steps=self.joint_steps, lr=self.lr, mse=self.mse, kl=self.kl, batch=self.batch,
+                            joint_steps=self.joint_steps, lr=self.lr, mse=self.mse, kl=self.kl, ce=self.ce,
+                            batch=self.batch,
                             seed=seed, eval_every=self.eval_every, patience=self.patience, train=self.train,
                             val=self.val, teacher_layers=teacher_layers)
 
@@ -283,7 +291,7 @@ class DistillPlan:
     def run(self, student: Adapter, teacher: Adapter, provenance: list, *, seed: int = 0, progress=False,
             cache_bytes: Optional[int] = None) -> dict:
         return hierarchical_distill(
-            student, teacher, self.train, provenance, steps=self.run_steps, lr=self.lr, mse=self.mse, kl=self.kl,
+            student, teacher, self.train, provenance, steps=self.run_steps, lr=self.lr, mse=self.mse, kl=self.kl, ce=self.ce,
             batch_size=self.batch, seed=seed, progress=progress, val_tokens=self.val, eval_every=self.eval_every or 0,
             patience=self.patience, schedule=self.schedule, group=self.group, joint_steps=self.joint_steps,
             resume=self.resume, save_every=self.save_every, grad_checkpoint=self.grad_checkpoint,
@@ -291,7 +299,7 @@ class DistillPlan:
 
     def settings(self, rep: dict) -> dict:
         """What compress records under ``settings["distill"]``."""
-        return {"steps": rep["steps"], "lr": self.lr, "mse": self.mse, "kl": self.kl, "batch": self.batch,
+        return {"steps": rep["steps"], "lr": self.lr, "mse": self.mse, "kl": self.kl, "ce": self.ce, "batch": self.batch,
                 "schedule": self.schedule, "data": _describe_source(self.data), "tokens": rep["tokens"],
                 "val_rows": int(self.val.shape[0]), "eval_every": self.eval_every, "patience": self.patience,
                 "grad_checkpoint": self.grad_checkpoint, "resume": self.resume,
@@ -325,15 +333,16 @@ def plan_distill(dopts: dict, steps: int, batch_size: int) -> Optional[DistillPl
                              "(CLI --distill-steps) or distill_tokens=B")
         return None
     plan = DistillPlan(steps=steps, batch=int(o.get("batch", batch_size)), lr=float(o.get("lr", 1e-4)),
-                       mse=float(o.get("mse", 1.0)), kl=float(o.get("kl", 1.0)), data=o.get("data"),
+                       mse=float(o.get("mse", 1.0)), kl=float(o.get("kl", 1.0)), ce=float(o.get("ce", 0.0)),
+                       data=o.get("data"),
                        tokens=o.get("tokens"), eval_every=o.get("eval_every"), patience=o.get("patience"),
                        schedule=o.get("schedule", "joint"), group=o.get("group", 1),
                        joint_steps=o.get("joint_steps"), save_every=o.get("save_every", DEFAULT_SAVE_EVERY),
                        grad_checkpoint=o.get("grad_checkpoint", False))
     plan.val_rows = o.get("val_rows", DEFAULT_VAL_ROWS if plan.data is not None else 0)
     plan.resume = os.fspath(o["resume"]) if "resume" in o else None
-    if plan.mse == 0 and plan.kl == 0:
-        raise ValueError("distill_mse and distill_kl are both 0: no loss to train on")
+    if plan.mse == 0 and plan.kl == 0 and plan.ce == 0:
+        raise ValueError("distill_mse, distill_kl and distill_ce are all 0: no loss to train on")
     if (plan.eval_every or plan.patience) and not plan.val_rows:
         raise ValueError("distill_eval_every and distill_patience need held-apart rows: distill_val_rows >= 1 "
                          "(default 8 with distill_data, 0 on the calibration rows)")
@@ -396,16 +405,16 @@ class _Joint:
     """The joint loss on rows of tokens, the teacher run per batch."""
 
     def __init__(self, student: Adapter, teacher: Adapter, provenance: list, mse: float, kl: float,
-                 grad_checkpoint: bool, scale_rows: torch.Tensor, batch_size: int):
+                 grad_checkpoint: bool, scale_rows: torch.Tensor, batch_size: int, ce: float = 0.0):
         self.s, self.t = student, teacher
         self.want = [last_original(p) for p in provenance]
         L = len(teacher.layers)
         if max(self.want) >= L:
             raise ValueError(f"provenance names original layer {max(self.want)} but the teacher has {L} layers")
         self.keep = sorted(set(self.want))
-        self.mse, self.kl, self.gc = mse, kl, grad_checkpoint
+        self.mse, self.kl, self.ce, self.gc = mse, kl, ce, grad_checkpoint
         self.device = next(student.model.parameters()).device
-        self.weights = LossWeights(mse=mse, kl=kl, ce=0.0)
+        self.weights = LossWeights(mse=mse, kl=kl, ce=ce)
         # per student layer: the root mean square of its target over the scale rows
         T = scale_rows.shape[1]
         self.pos = torch.arange(T, device=self.device)[None]
@@ -424,22 +433,28 @@ class _Joint:
 
         def forward(idx):
             ids = rows[idx].to(self.device)
-            tg, t_final = _teacher_batch(self.t, ids, self.keep, bool(self.kl), self.pos)
+            tg, t_final = (_teacher_batch(self.t, ids, self.keep, bool(self.kl), self.pos)
+                           if self.mse or self.kl else ({}, None))  # plain fine-tuning: no teacher run
             outs = _train_layers(a, a.layers, a.embed(ids), self.pos, self.gc)
             out = {}
             if self.mse:  # the mean over the concatenation is the mean of the per-layer scaled MSEs (same width)
                 out["hidden"] = torch.cat([o / s for o, s in zip(outs, self.scale)], -1)
                 out["hidden_target"] = torch.cat([tg[j] / s for j, s in zip(self.want, self.scale)], -1)
-            if self.kl:
+            if self.kl or self.ce:
                 head, h_last = a.lm_head, a.final_norm(outs[-1])
+                if self.ce:  # next-token targets: the last position has none (the KL then leaves it out too)
+                    h_last, out["labels"] = h_last[:, :-1], ids[:, 1:]
+                    t_final = None if t_final is None else t_final[:, :-1]
                 if type(head).forward is torch.nn.Linear.forward:
                     # the fused chunked linear + KL (distill.fused_kl): neither model's
-                    # [tokens, vocab] logits are ever held whole
-                    out.update(head_input=h_last, head_weight=head.weight, head_bias=head.bias,
-                               head_input_target=t_final, head_weight_target=w_head, head_bias_target=b_head)
+                    # [tokens, vocab] logits are ever held whole (the cross-entropy still makes the student's)
+                    out.update(head_input=h_last, head_weight=head.weight, head_bias=head.bias)
+                    if self.kl:
+                        out.update(head_input_target=t_final, head_weight_target=w_head, head_bias_target=b_head)
                 else:
                     out["logits"] = head(h_last)
-                    out["logits_target"] = torch.nn.functional.linear(t_final, w_head, b_head)
+                    if self.kl:
+                        out["logits_target"] = torch.nn.functional.linear(t_final, w_head, b_head)
             return out
 
         return forward
@@ -452,13 +467,13 @@ def joint_steps_of(schedule: str, steps: int, joint_steps: Optional[int]) -> int
     return math.ceil(steps / 10) if joint_steps is None else joint_steps
 
 
-def run_settings(*, schedule, group, steps, joint_steps, lr, mse, kl, batch, seed, eval_every, patience,
+def run_settings(*, schedule, group, steps, joint_steps, lr, mse, kl, batch, seed, eval_every, patience, ce=0.0,
                  train: torch.Tensor, val: Optional[torch.Tensor], teacher_layers: int) -> dict:
     """What makes two distillation runs the same run, less the provenance and the starting weights."""
     layerwise = schedule == "layerwise"
     return {"schedule": schedule, "group": group if layerwise else None, "steps": steps,
             "joint_steps": joint_steps_of(schedule, steps, joint_steps) if layerwise else None,
-            "lr": float(lr), "mse": float(mse), "kl": float(kl), "batch": batch, "seed": seed,
+            "lr": float(lr), "mse": float(mse), "kl": float(kl), "ce": float(ce), "batch": batch, "seed": seed,
             "eval_every": eval_every or None, "patience": patience,
             "data": fingerprint([("val", val if val is not None else train[:0]), ("train", train)]),
             "seq_len": int(train.shape[1]), "teacher_layers": teacher_layers}
@@ -470,7 +485,7 @@ def run_key(settings: dict, provenance: list, student: Adapter) -> dict:
 
 
 def hierarchical_distill(student: Adapter, teacher: Adapter, tokens: torch.Tensor, provenance: list, *,
-                         steps: int = 100, lr: float = 1e-4, mse: float = 1.0, kl: float = 1.0,
+                         steps: int = 100, lr: float = 1e-4, mse: float = 1.0, kl: float = 1.0, ce: float = 0.0,
                          batch_size: int = 2, seed: int = 0, progress=False, val_tokens: Optional[torch.Tensor] = None,
                          eval_every: int = 0, patience: Optional[int] = None, schedule: str = "joint",
                          group: int = 1, joint_steps: Optional[int] = None, resume=None,
@@ -494,14 +509,14 @@ def hierarchical_distill(student: Adapter, teacher: Adapter, tokens: torch.Tenso
     jsteps = joint_steps_of(schedule, steps, joint_steps)
     n = int(tokens.shape[0])
     scale_rows = val if val is not None else tokens[:SCALE_ROWS]
-    joint = _Joint(student, teacher, provenance, mse, kl, grad_checkpoint, scale_rows, batch_size)
+    joint = _Joint(student, teacher, provenance, mse, kl, grad_checkpoint, scale_rows, batch_size, ce=ce)
     model = student.model
     named = {f"layers.{k}.{nm}": p for k, layer in enumerate(student.layers) for nm, p in layer.named_parameters()}
     own = teachers_own_layers(student, teacher, provenance) if schedule == "layerwise" else set()
     ck = None
     if resume is not None:
         settings = run_settings(schedule=schedule, group=group, steps=steps, joint_steps=joint_steps, lr=lr, mse=mse,
-                                kl=kl, batch=batch_size, seed=seed, eval_every=eval_every, patience=patience,
+                                kl=kl, ce=ce, batch=batch_size, seed=seed, eval_every=eval_every, patience=patience,
                                 train=tokens, val=val, teacher_layers=len(teacher.layers))
         ck = RunCheckpoint(resume, run_key(settings, provenance, student), named, every=save_every)
         resumed = ck.load()  # another run's folder raises here: nothing trained, nothing written

@@ -193,6 +193,43 @@ def test_teacher_runs_per_batch_in_inference_mode_and_the_loss_is_the_hand_loss_
     assert rep["loss_after"] < rep["loss_before"]
 
 
+def test_plain_fine_tuning_is_the_models_own_lm_loss_and_runs_no_teacher(teacher, merged):
+    # distill_mse=0, distill_kl=0, distill_ce=1: plain LM fine-tuning; its loss is the stock model's
+    # next-token cross-entropy (transformers' labels= loss), and the teacher only sets the MSE scales
+    student, prov = merged
+    student = copy.deepcopy(student)
+    train, val = tokens(n=6, T=16, seed=4), tokens(n=4, T=16, seed=5)
+
+    def hf_loss(model):
+        with torch.inference_mode():
+            return sum(float(model(val[i:i + 2], labels=val[i:i + 2]).loss) for i in (0, 2)) / 2
+
+    before = hf_loss(student)
+    calls = []
+    h = teacher.model.layers[0].register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        rep = hierarchical_distill(adapter_for(student), adapter_for(teacher), train, prov, steps=6, lr=3e-3,
+                                   batch_size=2, val_tokens=val, mse=0.0, kl=0.0, ce=1.0)
+    finally:
+        h.remove()
+    assert len(calls) == 2  # the two scale batches; no teacher run per training or evaluation batch
+    assert rep["loss_before"] == pytest.approx(before, rel=1e-5)
+    assert rep["loss_after"] == pytest.approx(hf_loss(student), rel=1e-5)
+    assert rep["loss_after"] < rep["loss_before"]
+    # with the KL beside it, both terms over the positions that have a next token
+    s2 = copy.deepcopy(merged[0])
+    rep2 = hierarchical_distill(adapter_for(s2), adapter_for(teacher), train, prov, steps=1, lr=1e-9,
+                                batch_size=2, val_tokens=val, mse=0.0, kl=1.0, ce=1.0)
+    with torch.inference_mode():
+        kl = 0.0
+        for i in (0, 2):
+            ls = merged[0](val[i:i + 2]).logits[:, :-1].reshape(-1, 128)
+            lt = teacher(val[i:i + 2]).logits[:, :-1].reshape(-1, 128)
+            kl += float(F.kl_div(F.log_softmax(ls, -1), F.log_softmax(lt, -1), log_target=True,
+                                 reduction="batchmean")) / 2
+    assert rep2["loss_before"] == pytest.approx(before + kl, rel=1e-5)
+
+
 def test_early_stopping_stops_after_patience_evaluations_without_a_new_best():
     p = torch.nn.Parameter(torch.zeros(3))
     target = torch.tensor([1.0, 2.0, 3.0])
@@ -501,6 +538,7 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_keeps_less(teacher,
     ({"distill_data": tokens(n=2, T=16), "distill_val_rows": 2}, "no training rows"),
     ({"distill_save_every": 5}, "distill_resume"),
     ({"distill_mse": 0, "distill_kl": 0}, "no loss"),
+    ({"distill_ce": -1}, "distill_ce"),
 ])
 def test_bad_distillation_input_is_one_clear_error_before_any_work(teacher, opts, words, monkeypatch):
     monkeypatch.setitem(methods.REGISTRY, "come", lambda ctx, n: pytest.fail("compressed before the check"))

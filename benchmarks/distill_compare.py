@@ -1,0 +1,104 @@
+"""Distillation against plain fine-tuning at the same token budget (issue 9).
+
+Trains a compressed SmolLM2 (a folder ``come_fast.save`` wrote, which records
+the provenance) from the dense model on C4 documents 0-499 of
+``c4/train_sample.jsonl`` (documents 500-999 are the development text, never
+trained on): ``--loss distill`` is the hierarchical distillation (MSE along the
+provenance + KL at the head, compress's default), ``--loss ce`` plain LM
+fine-tuning of the same model (next-token cross-entropy, no teacher). Same
+rows, steps, batch, learning rate and schedule. Every ``--eval-every`` steps
+the student's next-token loss on 8 held-apart rows is recorded (the same
+measure for both losses), then WikiText-2 perplexity (40 windows) and, with
+``--tasks``, the dev slice of the tasks named.
+
+    python benchmarks/distill_compare.py --student results/hs_remeasure/models/come@0.3 --loss distill \
+        --steps 150 --out results/distill/come30_distill.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from come_fast import api
+from come_fast.adapters import adapter_for
+from come_fast.eval import evaluate
+from come_fast.models import load_model
+from come_fast.posttrain import distill_rows, hierarchical_distill
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+LOSSES = {"distill": dict(mse=1.0, kl=1.0, ce=0.0), "ce": dict(mse=0.0, kl=0.0, ce=1.0)}
+
+
+def lm_loss(model, rows: torch.Tensor, batch: int = 2) -> float:
+    with torch.no_grad():
+        return sum(float(model(rows[i:i + batch], labels=rows[i:i + batch]).loss)
+                   for i in range(0, rows.shape[0], batch)) / math.ceil(rows.shape[0] / batch)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--student", required=True, help="a compressed model folder (come_fast.save)")
+    ap.add_argument("--loss", choices=sorted(LOSSES), required=True)
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--val-rows", type=int, default=8)
+    ap.add_argument("--eval-every", type=int, default=25)
+    ap.add_argument("--tasks", default="", help="comma-separated dev-slice tasks after training (e.g. piqa,hellaswag)")
+    ap.add_argument("--data-dir", default=str(DATA))
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    teacher, tok = load_model("smollm2-135m")
+    student, stok, meta = api.load(args.student)
+    prov = meta["provenance"]
+    docs = [json.loads(line)["text"] for line in
+            (Path(args.data_dir) / "c4" / "train_sample.jsonl").read_text().splitlines()[:500]]
+    rows = distill_rows(docs, teacher, tok, rows=args.val_rows + args.steps * args.batch, seq_len=args.seq_len)
+    val, train = rows[:args.val_rows], rows[args.val_rows:]
+    per_step = args.batch * args.seq_len
+    curve = [{"step": 0, "tokens": 0, "val_lm_loss": lm_loss(student, val)}]
+    print(f"step 0: held-out LM loss {curve[0]['val_lm_loss']:.4f}", flush=True)
+
+    def monitor(label, done, total):  # called after every step: the same measure for both losses
+        if done % args.eval_every == 0 or done == total:
+            loss = lm_loss(student, val)
+            curve.append({"step": done, "tokens": done * per_step, "val_lm_loss": loss,
+                          "seconds": time.perf_counter() - t1})
+            print(f"step {done}/{total}: held-out LM loss {loss:.4f} ({time.perf_counter() - t1:.0f} s)", flush=True)
+
+    t1 = time.perf_counter()
+    rep = hierarchical_distill(adapter_for(student), adapter_for(teacher), train, prov, steps=args.steps, lr=args.lr,
+                               batch_size=args.batch, val_tokens=val, progress=monitor, **LOSSES[args.loss])
+    train_s = time.perf_counter() - t1
+    del teacher
+    tasks = ["wikitext2"] + [t for t in args.tasks.split(",") if t]
+    ev = evaluate(student, stok or tok, tasks=tasks, data_dir=args.data_dir, limit=200, progress=False)
+    out = {"student": args.student, "loss": args.loss, "weights": LOSSES[args.loss], "steps": args.steps,
+           "batch": args.batch, "seq_len": args.seq_len, "lr": args.lr, "tokens": args.steps * per_step,
+           "val_rows": args.val_rows, "train_seconds": train_s, "threads": args.threads,
+           "objective_before": rep["loss_before"], "objective_after": rep["loss_after"], "curve": curve,
+           "ppl": ev["tasks"]["wikitext2"]["ppl"],
+           "tasks": {k: v for k, v in ev["tasks"].items() if k != "wikitext2"},
+           "total_seconds": time.perf_counter() - t0}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(args.out).with_suffix(".tmp")
+    tmp.write_text(json.dumps(out, indent=1))
+    os.replace(tmp, args.out)
+    print(f"{args.loss}: {args.steps} steps ({out['tokens']:,} tokens) in {train_s:.0f} s; held-out LM loss "
+          f"{curve[0]['val_lm_loss']:.4f} -> {curve[-1]['val_lm_loss']:.4f}; WikiText-2 {out['ppl']:.2f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
