@@ -5,7 +5,8 @@ the provenance) from the dense model on C4 documents 0-499 of
 ``c4/train_sample.jsonl`` (documents 500-999 are the development text, never
 trained on): ``--loss distill`` is the hierarchical distillation (MSE along the
 provenance + KL at the head, compress's default), ``--loss ce`` plain LM
-fine-tuning of the same model (next-token cross-entropy, no teacher). Same
+fine-tuning of the same model (next-token cross-entropy, no teacher),
+``--loss distill+ce`` both (``distill_ce=1`` beside the default terms). Same
 rows, steps, batch, learning rate and schedule. Every ``--eval-every`` steps
 the student's next-token loss on 8 held-apart rows is recorded (the same
 measure for both losses), then WikiText-2 perplexity (40 windows) and, with
@@ -33,7 +34,8 @@ from come_fast.models import load_model
 from come_fast.posttrain import distill_rows, hierarchical_distill
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-LOSSES = {"distill": dict(mse=1.0, kl=1.0, ce=0.0), "ce": dict(mse=0.0, kl=0.0, ce=1.0)}
+LOSSES = {"distill": dict(mse=1.0, kl=1.0, ce=0.0), "ce": dict(mse=0.0, kl=0.0, ce=1.0),
+          "distill+ce": dict(mse=1.0, kl=1.0, ce=1.0)}
 
 
 def lm_loss(model, rows: torch.Tensor, batch: int = 2) -> float:
@@ -42,10 +44,37 @@ def lm_loss(model, rows: torch.Tensor, batch: int = 2) -> float:
                    for i in range(0, rows.shape[0], batch)) / math.ceil(rows.shape[0] / batch)
 
 
+def plot(folder: Path) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for f in sorted(folder.glob("*.json")):
+        d = json.loads(f.read_text())
+        xs = [c["tokens"] / 1000 for c in d["curve"]]
+        ys = [math.exp(c["val_lm_loss"]) for c in d["curve"]]
+        ax.plot(xs, ys, marker="o", ms=3, label=f"{Path(d['student']).name} + {d['loss']} "
+                                                 f"(WikiText-2 {d['ppl']:.1f})")
+    ax.set_xlabel("training tokens seen (thousands)")
+    ax.set_ylabel("held-out C4 perplexity (8 rows x 256)")
+    ax.set_title("SmolLM2-135M at 30%: distillation vs fine-tuning, same rows")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = folder / "curves.png"
+    fig.savefig(out.with_suffix(".tmp.png"), dpi=120)
+    os.replace(out.with_suffix(".tmp.png"), out)
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--student", required=True, help="a compressed model folder (come_fast.save)")
-    ap.add_argument("--loss", choices=sorted(LOSSES), required=True)
+    ap.add_argument("--student", help="a compressed model folder (come_fast.save)")
+    ap.add_argument("--loss", choices=sorted(LOSSES))
+    ap.add_argument("--plot", metavar="DIR", help="only draw DIR/*.json's curves into DIR/curves.png")
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=256)
@@ -55,8 +84,12 @@ def main(argv=None) -> int:
     ap.add_argument("--tasks", default="", help="comma-separated dev-slice tasks after training (e.g. piqa,hellaswag)")
     ap.add_argument("--data-dir", default=str(DATA))
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out")
     args = ap.parse_args(argv)
+    if args.plot:
+        return plot(Path(args.plot))
+    if not (args.student and args.loss and args.out):
+        ap.error("--student, --loss and --out are needed (or --plot DIR)")
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     teacher, tok = load_model("smollm2-135m")

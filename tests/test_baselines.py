@@ -602,3 +602,23 @@ def test_every_option_a_method_reads_is_declared():
         if "calibration_slice(ctx)" in src:
             read.add("score_rows")
         assert read <= methods.OPTIONS[name] | methods.COMMON_OPTIONS | ({"grid_steps"} if name == "come" else set()), name
+
+
+def test_summary_table_flags_methods_with_old_hellaswag_prompts():
+    from come_fast import bench
+
+    tasks = ["piqa", "hellaswag"]
+
+    def cell(method, ratio, ppl, hs, **extra):
+        t = {"acc": hs, "acc_norm": hs, "headline": "acc_norm", "n": 200, "chance": 0.25}
+        return {"method": method, "ratio_asked": ratio, "ppl": ppl, "compress_seconds": 1.0, "eval_seconds": 2.0,
+                "tasks": {"piqa": {**t, "chance": 0.5, "acc_norm": 0.6}, "hellaswag": t}, **extra}
+
+    recs = [cell("dense", 0.0, 30.0, 0.47), cell("come", 0.3, 134.0, 0.4),
+            cell("laco", 0.3, 1e9, 0.3, hellaswag_prompt=bench.OLD_HELLASWAG_PROMPT)]
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in bench.summary_table(recs, tasks) if line.startswith("| ")}
+    assert "laco †" in rows and "come" in rows and "come †" not in rows
+    assert "| 50.0 |" in rows["come"]  # (60 + 40) / 2
+    text = "\n".join(bench.summary_table(recs, tasks))
+    assert "†: HellaSwag scored with the prompt before lm-eval's" in text
+    assert "†" not in "\n".join(bench.summary_table(recs[:2], tasks))
