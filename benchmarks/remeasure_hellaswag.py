@@ -25,7 +25,8 @@ import torch
 from come_fast import api
 from come_fast.bench import (DENSE, OLD_HELLASWAG_PROMPT, PREFIX_METHODS, Sweep, _atomic_json, _cell_name,
                              _method_call)
-from come_fast.eval import evaluate_task
+from come_fast.eval import default_data_dir, evaluate_task
+from come_fast.models import load_model
 
 
 def main(argv=None) -> int:
@@ -66,12 +67,7 @@ def main(argv=None) -> int:
                 todo.append((r, path, rec))
         if not todo:
             continue
-        if m == DENSE:
-            from come_fast.models import load_model
-
-            model, tok = load_model("smollm2-135m")
-            models = {0.0: (model, tok, None)}
-        else:
+        if m != DENSE:
             sw = Sweep(methods=[m], ratios=[r for r, _, _ in todo], out=args.work, calib=args.calib,
                        keep_models=True, progress=False)  # tasks at every ratio: the sweep keeps the models
             need = [r for r, _, _ in todo if sw.read(m, r) is None or not sw.model_dir(m, r).is_dir()]
@@ -84,7 +80,7 @@ def main(argv=None) -> int:
             models = {r: sw.model_dir(m, r) for r, _, _ in todo}
         for r, path, rec in todo:
             if m == DENSE:
-                model, tok, new = models[0.0]
+                model, tok = load_model("smollm2-135m")
             else:
                 new = json.loads((Path(args.work) / "cells" / f"{_cell_name(m, r)}.json").read_text())
                 # the same model up to float summation order (a refit's solve): 1e-4; beyond, another model
@@ -94,7 +90,7 @@ def main(argv=None) -> int:
                     continue
                 model, tok, _ = api.load(models[r])
             t0 = time.perf_counter()
-            hs = evaluate_task(model, tok, "hellaswag", Path("../shared/data"), limit=args.limit, progress=False)
+            hs = evaluate_task(model, tok, "hellaswag", default_data_dir(), limit=args.limit, progress=False)
             rec = json.loads(path.read_text())  # re-read: another process may have written meanwhile
             rec["hellaswag_old_prompt"] = rec["tasks"]["hellaswag"]
             if m != DENSE and new["ppl"] != rec["ppl"]:
