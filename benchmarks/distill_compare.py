@@ -13,7 +13,7 @@ measure for both losses), then WikiText-2 perplexity (40 windows) and, with
 ``--tasks``, the dev slice of the tasks named.
 
     python benchmarks/distill_compare.py --student results/hs_remeasure/models/come@0.3 --loss distill \
-        --steps 150 --out results/distill/come30_distill.json
+        --steps 150 --out results/distill/come30_distill.json [--save DIR]
 """
 from __future__ import annotations
 
@@ -85,6 +85,7 @@ def main(argv=None) -> int:
     ap.add_argument("--data-dir", default=str(DATA))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out")
+    ap.add_argument("--save", metavar="DIR", help="also write the trained model there (come_fast's checkpoint form)")
     args = ap.parse_args(argv)
     if args.plot:
         return plot(Path(args.plot))
@@ -124,6 +125,12 @@ def main(argv=None) -> int:
            "ppl": ev["tasks"]["wikitext2"]["ppl"],
            "tasks": {k: v for k, v in ev["tasks"].items() if k != "wikitext2"},
            "total_seconds": time.perf_counter() - t0}
+    if args.save:
+        from come_fast.checkpoint import save_checkpoint
+
+        meta = dict(meta, distillation={k: out[k] for k in ("loss", "weights", "steps", "batch", "seq_len", "lr",
+                                                            "tokens", "ppl")})
+        save_checkpoint(student, stok or tok, args.save, meta)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(args.out).with_suffix(".tmp")
     tmp.write_text(json.dumps(out, indent=1))

@@ -166,12 +166,16 @@ def _evaluation_table(evaluation) -> str:
         return "```json\n" + json.dumps(evaluation, indent=1, default=str) + "\n```"
 
 
-def render_card(meta: dict, load_path: str, remote_code: bool = False) -> str:
+def render_card(meta: dict, load_path: str, remote_code: bool = False, export_format: str | None = None) -> str:
     """README.md for a checkpoint: ``meta`` is what ``come_fast.json`` holds
     (method, provenance, ratios, ``base_model``, ``command``, ``evaluation``),
-    ``load_path`` the folder or repository id to load it from."""
+    ``load_path`` the folder or repository id to load it from;
+    ``export_format="decilm"``: the folder ``come_fast.export`` wrote (another
+    loading section: stock transformers has no class for it)."""
     meta = meta or {}
     fm = front_matter(meta)
+    if export_format == "decilm":
+        fm["tags"] = fm["tags"] + ["decilm", "nemotron-nas"]
     lines = ["---"]
     for k, v in fm.items():
         if isinstance(v, list):
@@ -227,6 +231,16 @@ def render_card(meta: dict, load_path: str, remote_code: bool = False) -> str:
     table = _evaluation_table(meta.get("evaluation"))
     if table:
         lines += ["## Evaluation", "", table, ""]
+    if export_format == "decilm":
+        lines += ["## How to load", "",
+                  "The DeciLM / `nemotron-nas` form (`block_configs`: each layer's attention and MLP width; "
+                  "every MLP padded with zero channels to the width its `ffn_mult` gives, the true widths "
+                  "recorded under `come_fast`). Readers of that format (vLLM, TensorRT-LLM, mlx-lm) take the "
+                  "folder as it is; stock transformers has no `nemotron-nas` class. come_fast reads it back, "
+                  "padding stripped, with the logits of the model it was exported from:", "",
+                  "```python", "import come_fast", "",
+                  f"model, tokenizer, meta = come_fast.load({json.dumps(str(load_path))})", "```", ""]
+        return "\n".join(lines)
     lines += ["## How to load", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", ""]
     extra = ", trust_remote_code=True" if remote_code else ""
     lines += [f"model = AutoModelForCausalLM.from_pretrained({json.dumps(str(load_path))}{extra})",
@@ -240,9 +254,10 @@ def render_card(meta: dict, load_path: str, remote_code: bool = False) -> str:
     return "\n".join(lines)
 
 
-def write_card(folder: Path, meta: dict, load_path: str, remote_code: bool = False) -> Path:
+def write_card(folder: Path, meta: dict, load_path: str, remote_code: bool = False,
+               export_format: str | None = None) -> Path:
     p = Path(folder) / README
-    p.write_text(render_card(meta, load_path, remote_code), encoding="utf-8")
+    p.write_text(render_card(meta, load_path, remote_code, export_format), encoding="utf-8")
     return p
 
 

@@ -29,6 +29,8 @@ def _default_data_dir() -> str:
     return str(default_data_dir())
 
 
+# api.DTYPES's names, spelled out so that parsing (and --help) does not import torch;
+# tests/test_cli.py checks that the two agree
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICE_HELP = "cpu, cuda, cuda:N or auto (cuda when a GPU is visible, else cpu; the default)"
 SAMPLE_PROMPT = "The capital of France is"

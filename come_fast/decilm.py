@@ -212,6 +212,7 @@ def export(source, format: str = "decilm", out=None, overwrite: bool = False) ->
     in the DeciLM form into ``out`` (atomically, like ``save``); returns the folder."""
     from safetensors.torch import save_file
 
+    from .card import write_card
     from .checkpoint import META_FILE
     from .savedir import _atomic_save_dir, check_output_dir
 
@@ -238,6 +239,7 @@ def export(source, format: str = "decilm", out=None, overwrite: bool = False) ->
             tok.save_pretrained(tmp)
         with open(tmp / META_FILE, "w") as f:
             json.dump({**meta, "report": report or [], "export": {"format": "decilm"}}, f, indent=1)
+        write_card(tmp, meta, str(out), export_format="decilm")
 
     _atomic_save_dir(build, out, overwrite=overwrite)
     return out

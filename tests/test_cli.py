@@ -351,3 +351,13 @@ def test_eval_device_dtype_threads_batch_size(capsys, monkeypatch, tmp_path):
     code, _, err = run(capsys, "eval", "--model", d, "--tasks", "wikitext2", "--data-dir", data,
                        "--batch-size", 0)
     assert code == 2 and "--batch-size must be a positive integer" in err
+
+
+def test_cli_dtypes_are_the_apis():
+    """--dtype's choices are spelled out in cli.py (parsing does not import
+    torch); they must stay the ones compress(dtype=) accepts, in both directions."""
+    from come_fast import api, cli
+
+    assert tuple(cli.DTYPES) == tuple(api.DTYPES)
+    for name in cli.DTYPES:
+        assert cli._torch_dtype(name) is api.DTYPES[name]

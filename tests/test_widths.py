@@ -315,6 +315,11 @@ def test_decilm_export_describes_every_tensor_and_reads_back(family, kw, tmp_pat
     assert [decilm_width(b["ffn"]["ffn_mult"], cfg["hidden_size"]) for b in cfg["block_configs"]] == \
         [256 * math.ceil(w / 256) for w in ws]
     assert all(b["attention"]["n_heads_in_group"] == 2 for b in cfg["block_configs"])  # 4 heads, 2 KV heads
+    from come_fast.card import read_front_matter
+
+    card = (out / "README.md").read_text()
+    assert {"decilm", "nemotron-nas", "shortgpt"} <= set(read_front_matter(card)["tags"])
+    assert f'come_fast.load("{out}")' in card and "trust_remote_code" not in card
     x = tokens(n=2, T=9, seed=4)
     re, _, meta = come_fast.load(out)
     assert type(re).__name__ == type(model).__name__ and widths_of(re) == ws and meta["method"] == "shortgpt"
