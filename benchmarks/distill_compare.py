@@ -12,7 +12,7 @@ the student's next-token loss on 8 held-apart rows is recorded (the same
 measure for both losses), then WikiText-2 perplexity (40 windows) and, with
 ``--tasks``, the dev slice of the tasks named.
 
-    python benchmarks/distill_compare.py --student results/hs_remeasure/models/come@0.3 --loss distill \
+    python benchmarks/distill_compare.py --student results/models/come@0.3 --loss distill \
         --steps 150 --out results/distill/come30_distill.json [--save DIR]
 """
 from __future__ import annotations
