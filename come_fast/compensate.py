@@ -213,6 +213,8 @@ class RefitReport:
     alphas_tried: dict = field(default_factory=dict)  # held-out residual per ridge, every column taking it
     alpha_columns: dict = field(default_factory=dict)  # output columns per ridge chosen ("keep": as it was)
     space: Optional[str] = None       # "down" (all of down_proj) or "map" (a d x d map on the MLP output)
+    part: str = "down"                # the projection refit: "down" or "o"
+    earlier: list = field(default_factory=list)  # reports of the passes before this one (``refit_parts``)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -222,9 +224,10 @@ WEIGHTINGS = ("none", "rms")
 
 
 def down_equations(adapter: Adapter, stream, layer, x: torch.Tensor, target: torch.Tensor,
-                   heldout: Sequence[int], weighting: str = "none", maps: bool = False):
+                   heldout: Sequence[int], weighting: str = "none", maps: bool = False, part: str = "down"):
     """Run ``layer`` on inputs ``x`` [n, T, d] batch by batch and accumulate the
-    equations of its down_proj for targets ``target``: (fit rows, held-out rows,
+    equations of its down_proj (or of ``part``, another output projection whose
+    output adds to the residual stream: "o") for targets ``target``: (fit rows, held-out rows,
     sum of ||target - x||^2 (the layer's job, for relative residuals), outputs,
     and with ``maps`` the same two for the map: features the MLP output m,
     residual target - (y - m), else None).
@@ -233,7 +236,7 @@ def down_equations(adapter: Adapter, stream, layer, x: torch.Tensor, target: tor
     with massive activations decide the fit)."""
     if weighting not in WEIGHTINGS:
         raise CompensationError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-    down = adapter.part(layer, "down")
+    down = adapter.part(layer, part)
     I, d = down.in_features, down.out_features
     dev = down.weight.device
     fit, held = NormalEquations.zeros(I, d, dev), NormalEquations.zeros(I, d, dev)
@@ -278,12 +281,17 @@ def down_equations(adapter: Adapter, stream, layer, x: torch.Tensor, target: tor
 
 SELECTS = ("column", "layer")
 FITS = ("down", "map", "best")
+PARTS = ("down", "o")
+# which projections are refit, in order: "down" alone, or "down+o": down_proj,
+# then o_proj (target: the teacher's state minus the refit MLP's output, held),
+# then down_proj again on the MLP input the new o_proj gives
+PART_SEQUENCES = {"down": ("down",), "down+o": ("down", "o", "down")}
 
 
 def refit_down(adapter: Adapter, stream, layer, x: torch.Tensor, target: torch.Tensor, *,
                alphas: Sequence[float] = ALPHAS, holdout: float = HOLDOUT, weighting: str = "none",
                select: str = "layer", index: int = -1, target_boundary: int = -1,
-               solve_on: str = "all", fit: str = "down") -> RefitReport:
+               solve_on: str = "all", fit: str = "down", part: str = "down") -> RefitReport:
     """Refit ``layer``'s down_proj in place (see the module docstring) and
     return the report; residuals are relative to ||target - x||^2, the part of
     the target the layer has to produce.
@@ -305,7 +313,12 @@ def refit_down(adapter: Adapter, stream, layer, x: torch.Tensor, target: torch.T
     into down_proj (W' = T^T W, ridge toward T = I: d unknowns per column, a
     smaller space that can only recombine the directions the layer already
     writes). "best": both offered, the held-out residual chooses (the two
-    residuals are the same quantity, ||target - output||^2)."""
+    residuals are the same quantity, ||target - output||^2).
+
+    ``part``: the projection refit, "down" or "o" (the attention's o_proj: the
+    layer's output is linear in it too, with the MLP's output on the new
+    residual held at its current value, so an o_proj refit is followed by a
+    down_proj refit; see ``refit_parts``)."""
     if any(not (isinstance(al, (int, float)) and al > 0 and math.isfinite(al)) for al in alphas) or not alphas:
         raise CompensationError(f"ridge values must be positive and finite, got {list(alphas)!r}")
     if select not in SELECTS:
@@ -314,10 +327,12 @@ def refit_down(adapter: Adapter, stream, layer, x: torch.Tensor, target: torch.T
         raise CompensationError(f"solve_on must be 'all' or 'fit', got {solve_on!r}")
     if fit not in FITS:
         raise CompensationError(f"fit must be one of {FITS}, got {fit!r}")
+    if part not in PARTS:
+        raise CompensationError(f"part must be one of {PARTS}, got {part!r}")
     heldout = holdout_rows(x.shape[0], holdout)
     fitq, held, job, _, meqs = down_equations(adapter, stream, layer, x, target, heldout, weighting,
-                                              maps=fit != "down")
-    down = adapter.part(layer, "down")
+                                              maps=fit != "down", part=part)
+    down = adapter.part(layer, part)
     W0t = down.weight.detach().T.double()
     d = W0t.shape[1]
     eye = torch.eye(d, dtype=torch.float64, device=W0t.device)
@@ -362,7 +377,7 @@ def refit_down(adapter: Adapter, stream, layer, x: torch.Tensor, target: torch.T
     counts = {names[i + 1]: int((choice == i).sum()) for i in sorted(set(choice.tolist()))}
     top = max(counts, key=counts.get)
     top_choice = None if top == "keep" else next(c for c in choices if c[0] == top)
-    rep = RefitReport(layer=index, target_boundary=target_boundary,
+    rep = RefitReport(layer=index, target_boundary=target_boundary, part=part,
                       alpha=None if top_choice is None else float(top_choice[2]), ridge=None, solver=None,
                       residual_before=before, residual_after=before, heldout_before=held_before,
                       heldout_after=held_after, tokens=allq.tokens, alphas_tried=tried, alpha_columns=counts,
@@ -395,16 +410,35 @@ def refit_down(adapter: Adapter, stream, layer, x: torch.Tensor, target: torch.T
     return rep
 
 
+def refit_parts(adapter: Adapter, stream, layer, x: torch.Tensor, target: torch.Tensor, *,
+                parts: str = "down", **kw) -> RefitReport:
+    """``refit_down`` for each projection of ``PART_SEQUENCES[parts]`` in turn
+    (each pass sees the weights the one before left); the last pass's report,
+    the earlier ones under ``earlier``. The residuals of every pass are the
+    same quantity, so ``earlier[0].residual_before`` is the layer's before any
+    refit."""
+    if parts not in PART_SEQUENCES:
+        raise CompensationError(f"parts must be one of {tuple(PART_SEQUENCES)}, got {parts!r}")
+    reps = []
+    for part in PART_SEQUENCES[parts]:
+        kw_part = dict(kw) if part == "down" else {**kw, "fit": "down"}  # the map option is down_proj's
+        reps.append(refit_down(adapter, stream, layer, x, target, part=part, **kw_part))
+    last = reps[-1]
+    last.earlier = [r.as_dict() for r in reps[:-1]]
+    return last
+
+
 def refit_settings(options: dict) -> dict:
-    """``refit_down``'s keyword settings from compress's ``ls_*`` options (validated there)."""
+    """``refit_parts``'s keyword settings from compress's ``ls_*`` options (validated there)."""
     return {"alphas": tuple(options.get("ls_alphas", ALPHAS)), "weighting": options.get("ls_weighting", "none"),
-            "select": options.get("ls_select", "layer"), "fit": options.get("ls_fit", "down")}
+            "select": options.get("ls_select", "layer"), "fit": options.get("ls_fit", "down"),
+            "parts": options.get("ls_parts", "down")}
 
 
 def compensate_model(adapter: Adapter, stream, teacher: TeacherStates, provenance: list, n_original: int, *,
                      layers: Optional[Sequence[int]] = None, alphas: Sequence[float] = ALPHAS,
                      holdout: float = HOLDOUT, weighting: str = "none", select: str = "layer",
-                     fit: str = "down", progress=None) -> list[dict]:
+                     fit: str = "down", parts: str = "down", progress=None) -> list[dict]:
     """Refit, bottom-up, the down_proj of each changed student layer (or of
     ``layers``) on its real input in the compressed model, toward the teacher's
     state after its span. ``stream``: a LayerStream over the compressed model
@@ -421,8 +455,9 @@ def compensate_model(adapter: Adapter, stream, teacher: TeacherStates, provenanc
         if k in todo:
             layer = stack[k] = copy.deepcopy(layer)  # a kept layer may be the caller's own object: refit a copy
             end = sp[k][1]
-            rep = refit_down(adapter, stream, layer, x, teacher[end], alphas=alphas, holdout=holdout,
-                             weighting=weighting, select=select, index=k, target_boundary=end, fit=fit)
+            rep = refit_parts(adapter, stream, layer, x, teacher[end], alphas=alphas, holdout=holdout,
+                              weighting=weighting, select=select, index=k, target_boundary=end, fit=fit,
+                              parts=parts)
             reports.append(rep.as_dict())
         if k + 1 < L:
             with torch.inference_mode():

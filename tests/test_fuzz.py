@@ -98,6 +98,7 @@ VALID = {
     # shared
     "seed": [0, 1, 7], "max_cache_bytes": [None, 0, 4096, 10 ** 9],
     "ls_weighting": ["none", "rms"], "ls_layers": ["changed", "all"], "ls_select": ["layer", "column"],
+    "ls_parts": ["down", "down+o"],
     "ls_alphas": [[1.0], [1e-3, 1e-1, 10.0], (0.5,)],
     "distill_lr": [1e-4, 1e-3], "distill_mse": [0, 1.0], "distill_kl": [0, 1.0], "distill_batch": [1, 3],
 }

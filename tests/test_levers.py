@@ -9,7 +9,7 @@ import torch
 from come_fast.adapters import adapter_for
 from come_fast.calibration import LayerStream
 from come_fast.compensate import (CompensationError, NormalEquations, TeacherStates, changed_layers,
-                                  holdout_rows, refit_down, solve_ridge, spans)
+                                  holdout_rows, refit_down, refit_parts, solve_ridge, spans)
 from come_fast.dispatch import Ops
 from come_fast.merge import Selection, concat_merge, query_heads
 from test_merge import attn, masked_copy
@@ -132,11 +132,12 @@ def test_holdout_rows_are_the_last_block():
     assert holdout_rows(8, 0.5) == [4, 5, 6, 7]
 
 
-def _features(a, layer, x, stream, target):
-    """(A, R) of ``layer``'s down_proj for ``target``, gathered independently with hooks on a copy."""
+def _features(a, layer, x, stream, target, proj="mlp.down_proj"):
+    """(A, R) of ``layer``'s down_proj (or ``proj``) for ``target``, gathered independently with hooks on a copy."""
     ref = copy.deepcopy(layer)
     feats = {}
-    ref.mlp.down_proj.register_forward_hook(lambda m, i, o: feats.update(a=i[0], m=o))
+    lin = ref.get_submodule(proj)
+    lin.register_forward_hook(lambda m, i, o: feats.update(a=i[0], m=o))
     n = x.shape[0]
     with torch.no_grad():
         y = ref(x, attention_mask=None, position_ids=stream.position_ids.expand(n, -1),
@@ -144,8 +145,8 @@ def _features(a, layer, x, stream, target):
         y = y[0] if isinstance(y, tuple) else y
     A = feats["a"].double()
     R = (target - (y - feats["m"])).double()
-    if ref.mlp.down_proj.bias is not None:
-        R = R - ref.mlp.down_proj.bias.double()
+    if lin.bias is not None:
+        R = R - lin.bias.double()
     return A, R
 
 
@@ -182,6 +183,40 @@ def test_refit_reaches_the_least_squares_optimum(family):
     assert rep.residual_after == pytest.approx(float((R - A @ best).pow(2).sum()) / job, rel=1e-6)
     assert rep.residual_before == pytest.approx(float((R - A @ W0t).pow(2).sum()) / job, rel=1e-6)
     assert rep.residual_after < rep.residual_before
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_o_proj_refit_reaches_the_least_squares_optimum(family):
+    """part="o": o_proj minimises ||t - (y - o(z)) - z W^T||^2 + lam ||W - W0||^2
+    (the MLP's output on the current residual held), z the attention's output
+    before o_proj, hooked here on a copy; down_proj untouched. refit_parts
+    "down+o" is down, then o, then down again, each on the weights the pass
+    before left."""
+    a, stream, x, layer, target = _deletion_case(family)
+    snapshot = copy.deepcopy(layer)
+    A, R = _features(a, layer, x, stream, target, proj="self_attn.o_proj")
+    A, R = A.reshape(-1, A.shape[-1]), R.reshape(-1, R.shape[-1])
+    W0t = layer.self_attn.o_proj.weight.detach().T.double()
+    down = layer.mlp.down_proj.weight.detach().clone()
+    rep = refit_down(a, stream, layer, x, target, alphas=(1e-2, 1e-1, 1.0), part="o")
+    assert rep.part == "o" and rep.alpha is not None
+    best = _ridge(A, R, W0t, rep.ridge)
+    torch.testing.assert_close(layer.self_attn.o_proj.weight.detach().double(), best.T, rtol=1e-4, atol=1e-5)
+    assert torch.equal(layer.mlp.down_proj.weight, down)
+    job = float((target.double() - x.double()).pow(2).sum())
+    assert rep.residual_after == pytest.approx(float((R - A @ best).pow(2).sum()) / job, rel=1e-6)
+
+    by_hand = copy.deepcopy(snapshot)
+    for part in ("down", "o", "down"):
+        refit_down(a, stream, by_hand, x, target, alphas=(1e-2, 1e-1, 1.0), part=part)
+    rep = refit_parts(a, stream, snapshot, x, target, alphas=(1e-2, 1e-1, 1.0), parts="down+o")
+    assert [e["part"] for e in rep.earlier] == ["down", "o"] and rep.part == "down"
+    for name in ("mlp.down_proj.weight", "self_attn.o_proj.weight"):
+        torch.testing.assert_close(snapshot.get_parameter(name), by_hand.get_parameter(name), rtol=0, atol=0)
+    with pytest.raises(CompensationError, match="part"):
+        refit_down(a, stream, layer, x, target, part="up")
+    with pytest.raises(CompensationError, match="parts"):
+        refit_parts(a, stream, layer, x, target, parts="o")
 
 
 def test_refit_per_column_takes_each_columns_held_out_choice():

@@ -139,7 +139,8 @@ LS_VALIDATORS: dict[str, Validator] = {
     "ls_alphas": Validator(lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(_POSITIVE(x) for x in v),
                            "a non-empty list of positive ridges (relative to the mean diagonal)"),
     "ls_weighting": one_of("none", "rms"), "ls_layers": one_of("changed", "all"),
-    "ls_select": one_of("layer", "column"), "ls_fit": one_of("down", "map", "best")}
+    "ls_select": one_of("layer", "column"), "ls_fit": one_of("down", "map", "best"),
+    "ls_parts": one_of("down", "down+o")}
 # set by compress itself, read by the shared calibration stream, or the compensation's
 COMMON_OPTIONS = frozenset({"faithful", "allow_repeat", "ratio", "rounding", "seed", *COMMON_VALIDATORS,
                             *LS_VALIDATORS})

@@ -140,7 +140,7 @@ def settings_of(opts: dict, method: str) -> dict:
 
 
 def _come(ctx: Context, n_remove: int, method: str) -> Outcome:
-    from ..compensate import refit_down, refit_settings, spans
+    from ..compensate import refit_parts, refit_settings, spans
 
     opts = ctx.options
     faithful = bool(opts.get("faithful", False))
@@ -218,8 +218,8 @@ def _come(ctx: Context, n_remove: int, method: str) -> Outcome:
                 c = {"pair": idx, "r": ratio[0], "ratio": ratio, "kv_counts": list(nkv), "mlp_counts": list(nmlp),
                      "_layer": cand, "_sel": sel, "_scores": scores}
                 if teacher is not None:
-                    c["refit"] = refit_down(a, stream, cand, x_in, teacher[end], index=idx, target_boundary=end,
-                                            solve_on=search_solve, **refit_settings(opts)).as_dict()
+                    c["refit"] = refit_parts(a, stream, cand, x_in, teacher[end], index=idx, target_boundary=end,
+                                             solve_on=search_solve, **refit_settings(opts)).as_dict()
                 cands.append(c)
         if len(cands) > 1:
             for n, c in enumerate(cands):
