@@ -502,6 +502,17 @@ class LayerStream:
         self.layer_seconds = 0.0
         self.layers_run = 0
 
+    def copy(self) -> "LayerStream":
+        """A stream over the same adapter that shares the cached tensors (never
+        changed in place: a re-run stores new ones) with its own containers, so
+        that either can be merged and re-run without the other seeing it (CoMe's
+        beam keeps one per path)."""
+        import copy
+
+        new = copy.copy(self)
+        new.boundary, new.stats, new.last_token = dict(self.boundary), list(self.stats), list(self.last_token)
+        return new
+
     # structure changes ------------------------------------------------------------
     def merged(self, l: int) -> None:
         """Layers l and l+1 became one layer l: forget what depended on them."""

@@ -420,6 +420,46 @@ def test_default_mode_compensates_and_merges_merged_layers():
     assert sorted(_leaves_of(res.provenance)) == list(range(6))
 
 
+def _heldout_kl(model, dense, ids):
+    """Mean KL(dense || model) per token on the rows the search's judge holds out, from the models' logits."""
+    rows = holdout_rows(ids.shape[0])
+    with torch.no_grad():
+        lp = torch.log_softmax(dense(ids[rows]).logits.float(), -1)
+        lq = torch.log_softmax(model(ids[rows]).logits.float(), -1)
+    return float((lp.exp() * (lp - lq)).sum(-1).mean())
+
+
+def test_beam_keeps_the_best_paths():
+    """beam=k keeps the k partial models the judge ranks best at every step. A
+    beam as wide as the first step's candidates makes two merges an exhaustive
+    search, so its final held-out KL is at most the greedy search's (beam=1),
+    and each returned model is the path whose loss its record shows (the KL
+    recomputed here from the models' logits; no refit, so nothing changes the
+    model after the search)."""
+    import come_fast
+
+    ids = tokens(n=8, T=32)
+    dense = tiny_model("llama")
+    kw = dict(target_layers=4, calib=ids, compensate=None, split_grid=[0, 0.5, 1])
+    greedy = come_fast.compress(copy.deepcopy(dense), **kw)
+    wide = come_fast.compress(copy.deepcopy(dense), beam=64, **kw)
+    g_steps = [st for st in greedy.report if "pair" in st]
+    w_steps = [st for st in wide.report if "pair" in st]
+    assert "beam" not in g_steps[-1] and wide.settings["beam"] == 64
+    first = len(g_steps[0]["candidates"])
+    assert first > 1 and 64 >= first
+    g_loss = min(c["loss"] for c in g_steps[-1]["candidates"])
+    w_loss = w_steps[-1]["beam"]["loss"]
+    assert w_loss <= g_loss + 1e-9
+    assert _heldout_kl(greedy.model, dense, ids) == pytest.approx(g_loss, rel=1e-4)
+    assert _heldout_kl(wide.model, dense, ids) == pytest.approx(w_loss, rel=1e-4)
+    assert sorted(_leaves_of(wide.provenance)) == list(range(6))
+    # a beam of 1 is the greedy search, record for record
+    one = come_fast.compress(copy.deepcopy(dense), beam=1, **kw)
+    assert one.provenance == greedy.provenance
+    assert [st["merged_sha256"] for st in one.report if "pair" in st] == [st["merged_sha256"] for st in g_steps]
+
+
 def test_lever_options_checked():
     import come_fast
 
@@ -429,7 +469,7 @@ def test_lever_options_checked():
     with pytest.raises(ValueError, match="faithful mode reproduces the release: it takes no compensation"):
         come_fast.compress(tiny_model("llama"), target_layers=5, calib=ids, faithful=True, compensate="ls")
     for bad in ({"norms": "avg"}, {"split": "grid"}, {"split_grid": []}, {"split_grid": [0.5, 2]},
-                {"pair_select": "loss"}, {"pair_candidates": 0}, {"search_refit": "yes"}):
+                {"pair_select": "loss"}, {"pair_candidates": 0}, {"search_refit": "yes"}, {"beam": 0}):
         model = tiny_model("llama")
         before = {k: v.clone() for k, v in model.state_dict().items()}
         with pytest.raises(ValueError, match=next(iter(bad))):

@@ -27,6 +27,10 @@ selection and changes four things, each an option (the README's ablations):
 - repeats allowed (``allow_repeat``), so that a merged layer can absorb its
   neighbour again and a block of layers can fold into one.
 
+``beam=k`` (default 1, the greedy search): the k partial models the judge
+ranks best are kept at every step, each continued by its own candidates.
+Measured on SmolLM2 with k=2 (README): the same model at 30%, no gain.
+
 ``compress(..., compensate="ls")``, the default for CoMe's default mode, adds
 the closed-form refit (come_fast.compensate) inside the search and once more
 over the final model.
@@ -36,6 +40,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -93,6 +98,17 @@ def _kl_to_teacher(a, x: torch.Tensor, teacher_lp: list, bs: int) -> float:
             total += float((lp.exp() * (lp - lq)).sum())
             count += lq.shape[0] * lq.shape[1]
     return total / count
+
+
+@dataclass
+class _Path:
+    """One partial model the search keeps: its layers, provenance, step records
+    and calibration stream (a beam of width 1 keeps one: the greedy search)."""
+
+    layers: list
+    prov: list
+    steps: list
+    stream: LayerStream
 
 
 class _Judge:
@@ -158,7 +174,7 @@ def _come(ctx: Context, n_remove: int, method: str) -> Outcome:
     pair_tokens = opts.get("pair_tokens", "last")
     if faithful and (not last_normed or pair_tokens != "last"):
         raise ValueError("faithful mode keeps the release's last_boundary='final_norm' and pair_tokens='last'")
-    levers = (*DEFAULTS, "search_solve")
+    levers = (*DEFAULTS, "search_solve", "beam")
     if faithful and any(opts.get(k) is not None for k in levers):
         raise ValueError(f"faithful mode reproduces the release: the options {', '.join(levers)} do not apply")
     if pair_tokens == "all" and opts.get("max_cache_bytes") is not None:
@@ -175,12 +191,26 @@ def _come(ctx: Context, n_remove: int, method: str) -> Outcome:
         if ctx.progress:
             ctx.progress("layers scored", l + 1, len(a.layers))
 
+    judged = bool(splits or k_pairs > 1 or pair_select == "bi")
+    beam = int(opts.get("beam", 1))
+    if beam > 1 and not judged:
+        raise ValueError("beam > 1 needs judged candidates: the split search, pair_select='bi' or "
+                         "pair_candidates > 1")
     stream = LayerStream(a, ctx.tokens, ctx.batch_size, ctx.ops, final_norm_last=last_normed, progress=progress,
                          max_cache_bytes=opts.get("max_cache_bytes"))
     stream.run(0)
-    judge = _Judge(ctx, stream, lm_loss=split == "grid") if (splits or k_pairs > 1 or pair_select == "bi") else None
-    for step in range(n_remove):
-        t0 = time.perf_counter()
+    judge = _Judge(ctx, stream, lm_loss=split == "grid") if judged else None
+    paths = [_Path(list(a.layers), prov, [], stream)]
+
+    def activate(path: "_Path") -> None:
+        if beam > 1:  # beam=1: the adapter already holds the one path
+            a.set_layers(path.layers)
+        if judge is not None:
+            judge.stream = path.stream
+
+    def candidates(path: "_Path") -> list:
+        """Every candidate merge of ``path``'s model, merged, refit and judged."""
+        stream, prov = path.stream, path.prov
         L = len(a.layers)
         bi = [st.bi_sum for st in stream.stats]
         dist = stream.pair_distance(pair_tokens)
@@ -197,6 +227,8 @@ def _come(ctx: Context, n_remove: int, method: str) -> Outcome:
             order = sorted((d, i) for i, d in enumerate(dist) if i not in blocked)
             pairs = [i for _, i in order[:k_pairs]]
         if not pairs:
+            if len(paths) > 1:
+                return []
             raise NoMergeablePairError(
                 f"step {step + 1}: every adjacent pair touches an already merged layer; "
                 "ask for fewer removals or pass allow_repeat=True"
@@ -216,52 +248,79 @@ def _come(ctx: Context, n_remove: int, method: str) -> Outcome:
                 seen.add(key)
                 cand = concat_merge(a, a.layers[idx], a.layers[idx + 1], sel, ratio[0], ctx.ops, norms=norms)
                 c = {"pair": idx, "r": ratio[0], "ratio": ratio, "kv_counts": list(nkv), "mlp_counts": list(nmlp),
-                     "_layer": cand, "_sel": sel, "_scores": scores}
+                     "_layer": cand, "_sel": sel, "_scores": scores, "_bi": bi, "_dist": dist, "_blocked": blocked}
                 if teacher is not None:
                     c["refit"] = refit_parts(a, stream, cand, x_in, teacher[end], index=idx, target_boundary=end,
                                              solve_on=search_solve, **refit_settings(opts)).as_dict()
                 cands.append(c)
-        if len(cands) > 1:
+        if len(cands) > 1 or beam > 1:
             for n, c in enumerate(cands):
                 c["loss"] = judge(c["pair"], [c["_layer"]] + list(a.layers[c["pair"] + 2:]))
                 if ctx.progress:
                     ctx.progress("candidates", n + 1, len(cands))
-            best = min(cands, key=lambda c: (c["loss"], c["pair"], -c["r"]))
-        else:
-            best = cands[0]
-        idx, merged, sel = best["pair"], best["_layer"], best["_sel"]
-        pair_orig = [prov[idx], prov[idx + 1]]
-        replace_pair(a, idx, merged)
-        prov = merge_provenance(prov, idx)
-        stream.merged(idx)
-        rec = {
-            "merged_sha256": _hashes(merged),
-            "step": step, "layers_before": L, "pair": [idx, idx + 1], "pair_original": pair_orig,
-            "ratio": list(best["ratio"]), "kv_counts": best["kv_counts"], "mlp_counts": best["mlp_counts"],
-            "kv_a": sel.kv_a, "kv_b": sel.kv_b, "q_heads_a": sel.q_heads_a, "q_heads_b": sel.q_heads_b,
-            "mlp_a": sel.mlp_a, "mlp_b": sel.mlp_b,
-            "bi_sum": bi, "pair_distance_sum": dist, "blocked": sorted(blocked),
-            "att_scores": best["_scores"], "provenance": prov,
-            "grid_losses": {c["r"]: c["loss"] for c in cands} if split == "grid" else None,
-            "candidates": [{k: v for k, v in c.items() if not k.startswith("_") and k != "ratio"}
-                           for c in cands] if len(cands) > 1 else None,
-            "refit": best.get("refit"),
-        }
-        rec["seconds"] = time.perf_counter() - t0
-        steps.append(rec)
+        return cands
+
+    for step in range(n_remove):
+        t0 = time.perf_counter()
+        pool = []  # (rank of the path, candidate)
+        for rank, path in enumerate(paths):
+            activate(path)
+            pool += [(rank, c) for c in candidates(path)]
+        if not pool:
+            raise NoMergeablePairError(f"step {step + 1}: no path of the beam has a mergeable pair")
+        if len(pool) > 1:
+            pool.sort(key=lambda rc: (rc[1]["loss"], rc[0], rc[1]["pair"], -rc[1]["r"]))
+        chosen = pool[:beam]
+        # a path continued by several candidates gives each but the last a copy of its stream
+        last_use = {rank: i for i, (rank, _) in enumerate(chosen)}
+        streams = [paths[rank].stream if last_use[rank] == i else paths[rank].stream.copy()
+                   for i, (rank, _) in enumerate(chosen)]
+        new_paths = []
+        for (rank, best), stream in zip(chosen, streams):
+            path = paths[rank]
+            if beam > 1:
+                a.set_layers(path.layers)
+            prov = path.prov
+            L = len(a.layers)
+            idx, merged, sel = best["pair"], best["_layer"], best["_sel"]
+            cands = [c for r_, c in pool if r_ == rank]
+            pair_orig = [prov[idx], prov[idx + 1]]
+            replace_pair(a, idx, merged)
+            prov = merge_provenance(prov, idx)
+            stream.merged(idx)
+            rec = {
+                "merged_sha256": _hashes(merged),
+                "step": step, "layers_before": L, "pair": [idx, idx + 1], "pair_original": pair_orig,
+                "ratio": list(best["ratio"]), "kv_counts": best["kv_counts"], "mlp_counts": best["mlp_counts"],
+                "kv_a": sel.kv_a, "kv_b": sel.kv_b, "q_heads_a": sel.q_heads_a, "q_heads_b": sel.q_heads_b,
+                "mlp_a": sel.mlp_a, "mlp_b": sel.mlp_b,
+                "bi_sum": best["_bi"], "pair_distance_sum": best["_dist"], "blocked": sorted(best["_blocked"]),
+                "att_scores": best["_scores"], "provenance": prov,
+                "grid_losses": {c["r"]: c["loss"] for c in cands} if split == "grid" else None,
+                "candidates": [{k: v for k, v in c.items() if not k.startswith("_") and k != "ratio"}
+                               for c in cands] if len(cands) > 1 else None,
+                "refit": best.get("refit"),
+            }
+            if beam > 1:
+                rec["beam"] = {"parent_rank": rank, "loss": best["loss"]}
+            rec["seconds"] = time.perf_counter() - t0
+            if step + 1 < n_remove:
+                t1 = time.perf_counter()
+                stream.run(idx)  # layers below idx saw unchanged inputs: their scores stand
+                rec["seconds"] += time.perf_counter() - t1
+            new_paths.append(_Path(list(a.layers), prov, path.steps + [rec], stream))
+        paths = new_paths
+        activate(paths[0])  # the best path: what compress would return at this size
+        prov, steps, stream = paths[0].prov, paths[0].steps, paths[0].stream
         if ctx.on_step:
             ctx.on_step(prov, steps)
-        if step + 1 < n_remove:
-            t1 = time.perf_counter()
-            stream.run(idx)  # layers below idx saw unchanged inputs: their scores stand
-            rec["seconds"] += time.perf_counter() - t1
         if ctx.progress:
             ctx.progress("merges", step + 1, n_remove)
     settings = {"faithful": faithful, "allow_repeat": allow_repeat, "grouping": grouping,
                 "last_boundary": "final_norm" if last_normed else "raw", "pair_tokens": pair_tokens,
                 "norms": norms, "split": split, "split_grid": list(splits) if split == "search" else None,
                 "grid_steps": grid_steps if split == "grid" else None, "pair_select": pair_select,
-                "pair_candidates": k_pairs, "refit_in_search": teacher is not None,
+                "pair_candidates": k_pairs, "beam": beam, "refit_in_search": teacher is not None,
                 "judged_on_rows": None if judge is None or judge.lm else judge.rows,
                 "layers_run": stream.layers_run}
     return Outcome(provenance=prov, steps=steps, settings=settings)
@@ -273,7 +332,7 @@ SPLIT_GRID = Validator(lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and
 _COMMON = {"last_boundary": one_of("final_norm", "raw"), "pair_tokens": one_of("last", "all"),
            "norms": one_of("mean", "fold"), "pair_select": one_of("distance", "bi"),
            "pair_candidates": positive_int, "score_rows": positive_int, "search_refit": boolean,
-           "search_solve": one_of("all", "fit")}
+           "search_solve": one_of("all", "fit"), "beam": positive_int}
 
 
 @register("come", options={**_COMMON, "split": one_of("search", "bi"), "split_grid": SPLIT_GRID})
