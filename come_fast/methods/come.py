@@ -208,8 +208,9 @@ def _come(ctx: Context, n_remove: int, method: str) -> Outcome:
         if judge is not None:
             judge.stream = path.stream
 
-    def candidates(path: "_Path") -> list:
-        """Every candidate merge of ``path``'s model, merged, refit and judged."""
+    def candidates(path: "_Path") -> tuple:
+        """Every candidate merge of ``path``'s model, merged, refit and judged,
+        in the order made; with the scores they were chosen from (bi, dist, blocked)."""
         stream, prov = path.stream, path.prov
         L = len(a.layers)
         bi = [st.bi_sum for st in stream.stats]
@@ -228,7 +229,7 @@ def _come(ctx: Context, n_remove: int, method: str) -> Outcome:
             pairs = [i for _, i in order[:k_pairs]]
         if not pairs:
             if len(paths) > 1:
-                return []
+                return [], bi, dist, blocked
             raise NoMergeablePairError(
                 f"step {step + 1}: every adjacent pair touches an already merged layer; "
                 "ask for fewer removals or pass allow_repeat=True"
@@ -248,7 +249,7 @@ def _come(ctx: Context, n_remove: int, method: str) -> Outcome:
                 seen.add(key)
                 cand = concat_merge(a, a.layers[idx], a.layers[idx + 1], sel, ratio[0], ctx.ops, norms=norms)
                 c = {"pair": idx, "r": ratio[0], "ratio": ratio, "kv_counts": list(nkv), "mlp_counts": list(nmlp),
-                     "_layer": cand, "_sel": sel, "_scores": scores, "_bi": bi, "_dist": dist, "_blocked": blocked}
+                     "_layer": cand, "_sel": sel, "_scores": scores}
                 if teacher is not None:
                     c["refit"] = refit_parts(a, stream, cand, x_in, teacher[end], index=idx, target_boundary=end,
                                              solve_on=search_solve, **refit_settings(opts)).as_dict()
@@ -258,14 +259,15 @@ def _come(ctx: Context, n_remove: int, method: str) -> Outcome:
                 c["loss"] = judge(c["pair"], [c["_layer"]] + list(a.layers[c["pair"] + 2:]))
                 if ctx.progress:
                     ctx.progress("candidates", n + 1, len(cands))
-        return cands
+        return cands, bi, dist, blocked
 
     for step in range(n_remove):
         t0 = time.perf_counter()
-        pool = []  # (rank of the path, candidate)
-        for rank, path in enumerate(paths):
+        found = []  # per path: its candidates in the order made, and the scores they came from
+        for path in paths:
             activate(path)
-            pool += [(rank, c) for c in candidates(path)]
+            found.append(candidates(path))
+        pool = [(rank, c) for rank, (cands, *_) in enumerate(found) for c in cands]
         if not pool:
             raise NoMergeablePairError(f"step {step + 1}: no path of the beam has a mergeable pair")
         if len(pool) > 1:
@@ -278,12 +280,11 @@ def _come(ctx: Context, n_remove: int, method: str) -> Outcome:
         new_paths = []
         for (rank, best), stream in zip(chosen, streams):
             path = paths[rank]
-            if beam > 1:
-                a.set_layers(path.layers)
+            activate(path)
+            cands, bi, dist, blocked = found[rank]
             prov = path.prov
             L = len(a.layers)
             idx, merged, sel = best["pair"], best["_layer"], best["_sel"]
-            cands = [c for r_, c in pool if r_ == rank]
             pair_orig = [prov[idx], prov[idx + 1]]
             replace_pair(a, idx, merged)
             prov = merge_provenance(prov, idx)
@@ -294,7 +295,7 @@ def _come(ctx: Context, n_remove: int, method: str) -> Outcome:
                 "ratio": list(best["ratio"]), "kv_counts": best["kv_counts"], "mlp_counts": best["mlp_counts"],
                 "kv_a": sel.kv_a, "kv_b": sel.kv_b, "q_heads_a": sel.q_heads_a, "q_heads_b": sel.q_heads_b,
                 "mlp_a": sel.mlp_a, "mlp_b": sel.mlp_b,
-                "bi_sum": best["_bi"], "pair_distance_sum": best["_dist"], "blocked": sorted(best["_blocked"]),
+                "bi_sum": bi, "pair_distance_sum": dist, "blocked": sorted(blocked),
                 "att_scores": best["_scores"], "provenance": prov,
                 "grid_losses": {c["r"]: c["loss"] for c in cands} if split == "grid" else None,
                 "candidates": [{k: v for k, v in c.items() if not k.startswith("_") and k != "ratio"}
