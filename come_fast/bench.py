@@ -38,7 +38,7 @@ LS_METHODS = ("magnitude+", "shortgpt", "replaceme", "reverse", "reverse-recover
 ALL_METHODS = ("magnitude+", "shortgpt", "replaceme", "reverse", "reverse-recover", "taylor+", "laco", "slm",
                "streamline", "ppl", "come-legacy", "come-p", "come-faithful", "sleb", "finercut",
                *(m + "+ls" for m in LS_METHODS),
-               "come-legacy+fold", "come-legacy+ls", "come-legacy+search", "come")
+               "come-legacy+fold", "come-legacy+ls", "come-legacy+search", "come-score", "come")
 # Named variants: a registered method with fixed options. "<method>+distill" (the
 # method, then 100 steps of hierarchical distillation from the original along the
 # provenance) is not in "all": post-training is not part of the no-training
@@ -46,6 +46,8 @@ ALL_METHODS = ("magnitude+", "shortgpt", "replaceme", "reverse", "reverse-recove
 # the fair comparison for CoMe + distill (same training, layers deleted, not merged).
 VARIANTS = {"come-faithful": ("come", {"faithful": True}), "reverse-recover": ("reverse", {"recover": True}),
             "come-legacy": ("come", LEGACY),
+            # the default before the MLP channels were chosen by the refit (its cells were "come" until 2026-12-01)
+            "come-score": ("come", {"mlp_select": "score"}),
             # CoMe's levers one at a time on top of the legacy rules (README: the ablation)
             "come-legacy+fold": ("come", {**LEGACY, "norms": "fold"}),
             "come-legacy+ls": ("come", {**LEGACY, "compensate": "ls"}),
@@ -603,7 +605,7 @@ PPL_CEILING = 1e4
 # a variant "<method><suffix>" is drawn in its method's colour and marker, with its own line style
 VARIANT_STYLES = {"+ls": "--", "+distill": ":", "+fold": "-.", "+search": (0, (3, 1, 1, 1, 1, 1))}
 # the plot the README shows: CoMe, its ablations and the strongest baselines, each with and without compensation
-FOCUS = ("come", "come-legacy", "come-legacy+fold", "come-legacy+ls", "come-legacy+search", "shortgpt",
+FOCUS = ("come", "come-score", "come-legacy", "come-legacy+fold", "come-legacy+ls", "come-legacy+search", "shortgpt",
          "shortgpt+ls", "sleb", "sleb+ls", "replaceme", "replaceme+ls")
 
 

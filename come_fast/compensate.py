@@ -438,11 +438,14 @@ def refit_settings(options: dict) -> dict:
 def compensate_model(adapter: Adapter, stream, teacher: TeacherStates, provenance: list, n_original: int, *,
                      layers: Optional[Sequence[int]] = None, alphas: Sequence[float] = ALPHAS,
                      holdout: float = HOLDOUT, weighting: str = "none", select: str = "layer",
-                     fit: str = "down", parts: str = "down", progress=None) -> list[dict]:
+                     fit: str = "down", parts: str = "down", pools: Optional[dict] = None,
+                     progress=None) -> list[dict]:
     """Refit, bottom-up, the down_proj of each changed student layer (or of
     ``layers``) on its real input in the compressed model, toward the teacher's
     state after its span. ``stream``: a LayerStream over the compressed model
-    (its boundary 0, the embeddings, is all that is used). Returns the reports."""
+    (its boundary 0, the embeddings, is all that is used). ``pools``: for some
+    layers, the original layers whose MLP channels it chooses from again
+    before its refit (come_fast.channel_ls.reselect_mlp). Returns the reports."""
     import copy
 
     sp = spans(provenance, n_original)
@@ -455,10 +458,19 @@ def compensate_model(adapter: Adapter, stream, teacher: TeacherStates, provenanc
         if k in todo:
             layer = stack[k] = copy.deepcopy(layer)  # a kept layer may be the caller's own object: refit a copy
             end = sp[k][1]
+            chosen = None
+            if pools and k in pools:
+                from .channel_ls import reselect_mlp
+
+                # a layer streamed from disk (offload, device_map) has its weights on the meta device
+                # until it runs: a copy materialises it for as long as the choice needs it
+                srcs = [copy.deepcopy(s) if any(p.is_meta for p in s.parameters()) else s for s in pools[k]]
+                chosen = reselect_mlp(adapter, stream, layer, srcs, x, teacher[end])
+                del srcs
             rep = refit_parts(adapter, stream, layer, x, teacher[end], alphas=alphas, holdout=holdout,
                               weighting=weighting, select=select, index=k, target_boundary=end, fit=fit,
                               parts=parts)
-            reports.append(rep.as_dict())
+            reports.append(rep.as_dict() if chosen is None else {**rep.as_dict(), "reselected": chosen})
         if k + 1 < L:
             with torch.inference_mode():
                 x = stream.forward_layer(layer, x)

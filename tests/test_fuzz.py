@@ -78,6 +78,7 @@ VALID = {
     "last_boundary": ["final_norm", "raw"], "pair_tokens": ["last", "all"], "norms": ["mean", "fold"],
     "pair_select": ["distance", "bi"], "pair_candidates": [1, 2, 3, 50], "score_rows": [1, 2, 3, 100],
     "search_refit": [True, False], "search_solve": ["all", "fit"], "split": ["search", "bi"], "beam": [1, 2],
+    "mlp_select": ["score", "ls", "final", "ls+final"],
     "split_grid": [[0.5], [0, 1], [0.25, 0.75], (0, 0.5, 1), [1]], "grid_steps": [1, 2, 3],
     # reverse
     "recover": [True, False], "recover_layers": [1, 2, 3, 50], "recover_steps": [0, 1, 2],
@@ -109,7 +110,7 @@ LS = tuple(sorted(k for k in api.LS_OPTIONS if k in VALID))
 LS_CHECKS = api.LS_VALIDATORS
 # CoMe's default-mode options that faithful mode refuses
 COME_MODE = ("norms", "split", "pair_select", "pair_candidates", "split_grid", "search_refit", "search_solve",
-             "last_boundary", "pair_tokens", "beam")
+             "last_boundary", "pair_tokens", "beam", "mlp_select")
 DISTILL = ("distill_lr", "distill_mse", "distill_kl", "distill_batch")
 CHEAP = {"streamline_steps": 2, "recover_steps": 2}  # defaults are 100 steps: cap them
 

@@ -520,3 +520,190 @@ def test_compensation_after_any_whole_layer_method(method):
         lt = torch.log_softmax(teacher(ids).logits, -1)
         kl = lambda m: float((lt.exp() * (lt - torch.log_softmax(m(ids).logits, -1))).sum(-1).mean())
         assert kl(res.model) <= kl(plain.model) * 1.05
+
+
+# -- MLP channels chosen by the refit they allow (come_fast.channel_ls) -----------------------
+
+def _ridge_residual(A, R, cols, lam):
+    """min_W ||R - A[:, cols] W||^2 + lam ||W||^2, by lstsq on the augmented system."""
+    As = A[:, cols]
+    n = As.shape[1]
+    W = torch.linalg.lstsq(torch.cat([As, lam ** 0.5 * torch.eye(n, dtype=torch.float64)]),
+                           torch.cat([R, torch.zeros(n, R.shape[1], dtype=torch.float64)])).solution
+    return float((R - As @ W).pow(2).sum() + lam * W.pow(2).sum())
+
+
+def test_obs_removal_cost_is_the_exact_increase_and_finds_a_planted_subset():
+    """One removal from the full ridge solution raises the objective by exactly
+    ||W_j||^2 / [H^-1]_jj (checked against re-solving without j by lstsq for every
+    j), so obs_keep(keep=n-1) drops the feature whose exact increase is smallest;
+    on a target made of 4 of 10 correlated features plus noise, keeping 4 finds
+    those 4, the best subset of all 210."""
+    from itertools import combinations
+
+    from come_fast.channel_ls import ALPHA, obs_keep
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(300, 6, generator=g, dtype=torch.float64)
+    A = torch.cat([base, base[:, :4] + 0.5 * torch.randn(300, 4, generator=g, dtype=torch.float64)], 1)
+    planted = [1, 4, 6, 9]
+    R = A[:, planted] @ torch.randn(4, 3, generator=g, dtype=torch.float64) \
+        + 0.05 * torch.randn(300, 3, generator=g, dtype=torch.float64)
+    G, C = A.T @ A, A.T @ R
+    n = A.shape[1]
+    lam = ALPHA * float(G.diagonal().mean())
+    Hinv = torch.linalg.inv(G + lam * torch.eye(n, dtype=torch.float64))
+    W = Hinv @ C
+    full = _ridge_residual(A, R, list(range(n)), lam)
+    exact = [_ridge_residual(A, R, [i for i in range(n) if i != j], lam) - full for j in range(n)]
+    predicted = (W.pow(2).sum(1) / Hinv.diagonal()).tolist()
+    assert predicted == pytest.approx(exact, rel=1e-6, abs=1e-9)
+    dropped = set(range(n)) - set(obs_keep(G, C, n - 1, block=1))
+    assert dropped == {min(range(n), key=exact.__getitem__)}
+    best = min(combinations(range(n), 4), key=lambda s: _ridge_residual(A, R, list(s), lam))
+    assert list(best) == planted
+    assert obs_keep(G, C, 4, block=1) == planted
+    assert obs_keep(G, C, 4) == planted  # removal in blocks (here one block of 6) finds them too
+    with pytest.raises(ValueError, match="keep"):
+        obs_keep(G, C, 0)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_union_equations_are_the_merged_layers_refit_equations(family):
+    """The features of all 2I channels (each source layer's MLP on the shared
+    h1 through its own norm) restricted to any kept subset S are exactly the
+    down_proj inputs of the merged layer built with S (gathered independently
+    by a hook on that layer), and so are the cross terms with its residual."""
+    from come_fast.channel_ls import union_equations
+
+    model = tiny_model(family)
+    a = adapter_for(model)
+    stream = LayerStream(a, tokens(n=6, T=16), batch_size=4)
+    stream.run(0)
+    x = stream.boundary[2]
+    la, lb = a.layers[2], a.layers[3]
+    target = stream.boundary[4]
+    I = a.intermediate_size
+    kv_a, kv_b = [0], list(range(1, a.num_kv_heads))
+    probe = concat_merge(a, la, lb, _selection(a, kv_a, kv_b, list(range(I // 2)), list(range(I - I // 2))), 0.5,
+                         Ops("torch"), norms="fold")
+    eq = union_equations(a, stream, probe, [la, lb], x, target)
+    g = torch.Generator().manual_seed(1)
+    S = sorted(torch.randperm(2 * I, generator=g)[:I].tolist())
+    mlp_a, mlp_b = [j for j in S if j < I], [j - I for j in S if j >= I]
+    merged = concat_merge(a, la, lb, _selection(a, kv_a, kv_b, mlp_a, mlp_b), 0.5, Ops("torch"), norms="fold")
+    A, R = _features(a, merged, x, stream, target)
+    A, R = A.reshape(-1, I), R.reshape(-1, R.shape[-1])
+    idx = torch.tensor(S)
+    # float32 products summed in float64 (NormalEquations.add): tolerances relative to the largest entry
+    G, C = A.T @ A, A.T @ R
+    torch.testing.assert_close(eq.G[idx][:, idx], G, rtol=1e-5, atol=1e-6 * float(G.abs().max()))
+    torch.testing.assert_close(eq.C[idx], C, rtol=1e-5, atol=1e-6 * float(C.abs().max()))
+    assert eq.tokens == 6 * 16
+    # rows left out (the judge's held-out rows under search_solve="fit"): the equations of the other rows
+    part = union_equations(a, stream, probe, [la, lb], x, target, skip=[1, 4, 5])
+    alone = union_equations(a, stream, probe, [la, lb], x[[0, 2, 3]], target[[0, 2, 3]])
+    assert part.tokens == alone.tokens == 3 * 16
+    torch.testing.assert_close(part.G, alone.G, rtol=1e-6, atol=1e-6 * float(alone.G.abs().max()))
+    torch.testing.assert_close(part.C, alone.C, rtol=1e-6, atol=1e-6 * float(alone.C.abs().max()))
+
+
+def test_mlp_select_ls_in_the_search():
+    """mlp_select="ls": every merge keeps I channels in all, split between the
+    two layers by the removal rather than by r; the first step's candidates
+    (one per distinct KV choice) each reach a calibration residual no higher
+    than the same pair and split with the channels chosen by score; bad
+    combinations are refused before any work."""
+    import come_fast
+
+    ids = tokens(n=16, T=64)
+    dense = tiny_model("llama")
+    I = adapter_for(dense).intermediate_size
+    kw = dict(target_layers=4, calib=ids, split_grid=[0, 0.5, 1])
+    score = come_fast.compress(copy.deepcopy(dense), mlp_select="score", **kw)
+    ls = come_fast.compress(copy.deepcopy(dense), mlp_select="ls", **kw)
+    assert ls.settings["mlp_select"] == "ls" and score.settings["mlp_select"] == "score"
+    steps = [st for st in ls.report if "pair" in st]
+    assert all(sum(st["mlp_counts"]) == I and len(st["mlp_a"]) + len(st["mlp_b"]) == I for st in steps)
+    first_ls = {(c["pair"], c["r"]): c for c in steps[0]["candidates"]}
+    first_score = {(c["pair"], c["r"]): c for c in [st for st in score.report if "pair" in st][0]["candidates"]}
+    shared = first_ls.keys() & first_score.keys()
+    assert shared
+    for k in shared:
+        assert first_ls[k]["refit"]["residual_after"] <= first_score[k]["refit"]["residual_after"] + 1e-9
+    for bad in ({"compensate": None}, {"norms": "mean"}, {"search_refit": False}, {"faithful": True}):
+        model = tiny_model("llama")
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(ValueError, match="mlp_select"):
+            come_fast.compress(model, target_layers=4, calib=ids, mlp_select="ls", **bad)
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(ValueError, match="mlp_select"):
+        come_fast.compress(tiny_model("llama"), target_layers=4, calib=ids, mlp_select="obs")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_reselected_layer_runs_the_kept_channels_of_every_source_with_its_own_norm(family):
+    """reselect_mlp keeps the layer's attention and width and runs, on the
+    post-attention residual h1, the kept MLP channels of each source layer
+    through that source's own post-attention norm (the independent model: each
+    source's MLP with the other channels masked), and keeps exactly the
+    channels obs_keep picks from the pooled equations."""
+    from come_fast.channel_ls import obs_keep, reselect_mlp, union_equations
+
+    model = tiny_model(family)
+    a = adapter_for(model)
+    stream = LayerStream(a, tokens(n=12, T=24), batch_size=4)
+    stream.run(0)
+    sources = [a.layers[1], a.layers[2], a.layers[3]]
+    x, target = stream.boundary[1], stream.boundary[4]
+    I, hd = a.intermediate_size, a.head_dim
+    layer = concat_merge(a, sources[0], sources[1], _selection(a, [0], list(range(1, a.num_kv_heads)),
+                                                                list(range(I // 2)), list(range(I - I // 2))),
+                         0.5, Ops("torch"), norms="fold")
+    eq = union_equations(a, stream, layer, sources, x, target)
+    want_kept = obs_keep(eq.G, eq.C, I)
+    before = copy.deepcopy(layer)
+    rep = reselect_mlp(a, stream, layer, sources, x, target)
+    assert rep["pool"] == 3 * I and sum(rep["channels_per_source"]) == I
+    per = [[j - s * I for j in want_kept if s * I <= j < (s + 1) * I] for s in range(3)]
+    assert rep["channels_per_source"] == [len(p) for p in per]
+    for role in ("q", "k", "v", "o", "input_norm"):
+        assert torch.equal(a.part(layer, role).weight, a.part(before, role).weight)
+    xb = x[:3]
+    pos = torch.arange(xb.shape[1])[None]
+    with torch.no_grad():
+        h1 = xb + attn(before, before.input_layernorm(xb), a.rotary)
+        if before.self_attn.o_proj.bias is not None:
+            h1 = h1 + before.self_attn.o_proj.bias
+        want = h1 + sum(masked_copy(s, [], p, hd).mlp(s.post_attention_layernorm(h1)) for s, p in zip(sources, per))
+        got = layer(xb, attention_mask=None, position_ids=pos, position_embeddings=a.rotary(xb, pos))
+        got = got[0] if isinstance(got, tuple) else got
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+
+
+def test_mlp_select_final_reselects_every_merged_layer():
+    """mlp_select="final": the search as by score, then every merged layer of
+    the result takes its channels from all its original layers before the final
+    refit (recorded per layer), same provenance, and on these rows a lower
+    calibration residual than the same layer without it."""
+    import come_fast
+
+    ids = tokens(n=16, T=64)
+    dense = tiny_model("llama")
+    kw = dict(target_layers=4, calib=ids, split_grid=[0, 0.5, 1])
+    score = come_fast.compress(copy.deepcopy(dense), mlp_select="score", **kw)
+    final = come_fast.compress(copy.deepcopy(dense), **kw)  # the default
+    assert final.settings["mlp_select"] == "final"
+    assert final.provenance == score.provenance
+    merged = [k for k, p in enumerate(final.provenance) if isinstance(p, list)]
+    reps = {r["layer"]: r for r in final.report[-1]["compensation"]}
+    old = {r["layer"]: r for r in score.report[-1]["compensation"]}
+    assert merged and all("reselected" in reps[k] for k in merged)
+    for k in merged:
+        assert reps[k]["reselected"]["pool"] == len(_leaves_of(final.provenance[k])) * adapter_for(dense).intermediate_size
+        assert reps[k]["residual_after"] < old[k]["residual_after"]
+    with pytest.raises(ValueError, match="mlp_select"):
+        come_fast.compress(tiny_model("llama"), target_layers=4, calib=ids, mlp_select="final", compensate=None)
+    # without the refit the default chooses by score, as the release (nothing to choose for)
+    plain = come_fast.compress(tiny_model("llama"), target_layers=4, calib=ids, compensate=None)
+    assert plain.settings["mlp_select"] == "score"

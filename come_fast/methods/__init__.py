@@ -27,6 +27,9 @@ class Context:
     # with compensate="ls": the original model's hidden states at every layer
     # boundary on the calibration rows (come_fast.compensate.TeacherStates)
     teacher: Optional[object] = None
+    # set by a method whose merged layers choose their MLP channels again, among
+    # all their original layers', before the final refit (CoMe's mlp_select)
+    reselect_mlp: bool = False
 
 
 @dataclass
