@@ -389,14 +389,9 @@ def compress(model, ratio: float | None = None, method: str = "come", calib=None
 
         ma = adapter_for(m)
         layers = None if options.get("ls_layers", "changed") == "changed" else range(len(ma.layers))
-        pools = None
-        if ctx.reselect_mlp:  # CoMe: merged layers choose among all their original layers' MLP channels
-            from .compensate import _leaves
-
-            pools = {k: [snapshot.layers[j] for j in _leaves(p)] for k, p in enumerate(provenance)
-                     if isinstance(p, list)}
+        originals = snapshot.layers if ctx.reselect_mlp else None  # CoMe: merged layers choose their channels again
         return compensate_model(ma, LayerStream(ma, tokens, batch_size, ops), teacher_states, provenance, L,
-                                layers=layers, pools=pools, **refit_settings(options))
+                                layers=layers, originals=originals, **refit_settings(options))
 
     if on_step is not None:
         def partial(prov, steps):

@@ -64,9 +64,11 @@ def union_equations(adapter: Adapter, stream, probe, sources: Sequence, x: torch
     try:
         with torch.inference_mode():
             for i in range(0, x.shape[0], stream.bs):
-                rows = [j for j in range(i, min(i + stream.bs, x.shape[0])) if j not in skipped]
-                if not rows:
-                    continue
+                rows = slice(i, i + stream.bs)  # the batch as a view, unless some of its rows are left out
+                if skipped:
+                    rows = [r for r in range(i, min(i + stream.bs, x.shape[0])) if r not in skipped]
+                    if not rows:
+                        continue
                 stream.forward_layer(probe, x[rows])
                 h1 = seen.pop("h1")
                 feats = torch.cat([mlp_activations(adapter, s, h1).to(dev) for s in sources], -1)
@@ -127,8 +129,8 @@ def reselect_mlp(adapter: Adapter, stream, layer, sources: Sequence, x: torch.Te
     block is a candidate on the final layer's real input. Returns the kept
     channels per source."""
     eq = union_equations(adapter, stream, layer, sources, x, target)
-    kept = torch.tensor(obs_keep(eq.G, eq.C, adapter.part(layer, "down").in_features))
     dev = adapter.part(layer, "gate").weight.device
+    kept = torch.tensor(obs_keep(eq.G, eq.C, adapter.part(layer, "down").in_features), device=dev)
 
     def stacked(role: str, attr: str = "weight", fold: bool = False, dim: int = 0):
         parts = []
@@ -146,11 +148,11 @@ def reselect_mlp(adapter: Adapter, stream, layer, sources: Sequence, x: torch.Te
     with torch.no_grad():
         for role in ("gate", "up"):
             mod = adapter.part(layer, role)
-            mod.weight.data = stacked(role, fold=True)[kept.to(dev)].contiguous()
+            mod.weight.data = stacked(role, fold=True)[kept].contiguous()
             if mod.bias is not None:
-                mod.bias.data = stacked(role, "bias")[kept.to(dev)].contiguous()
+                mod.bias.data = stacked(role, "bias")[kept].contiguous()
         down = adapter.part(layer, "down")
-        down.weight.data = stacked("down", dim=1)[:, kept.to(dev)].contiguous()
+        down.weight.data = stacked("down", dim=1)[:, kept].contiguous()
         norm = adapter.part(layer, "post_attn_norm")
         norm.weight.data = torch.ones_like(norm.weight.data)
     counts, start = [], 0

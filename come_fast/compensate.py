@@ -438,14 +438,16 @@ def refit_settings(options: dict) -> dict:
 def compensate_model(adapter: Adapter, stream, teacher: TeacherStates, provenance: list, n_original: int, *,
                      layers: Optional[Sequence[int]] = None, alphas: Sequence[float] = ALPHAS,
                      holdout: float = HOLDOUT, weighting: str = "none", select: str = "layer",
-                     fit: str = "down", parts: str = "down", pools: Optional[dict] = None,
+                     fit: str = "down", parts: str = "down", originals: Optional[Sequence] = None,
                      progress=None) -> list[dict]:
     """Refit, bottom-up, the down_proj of each changed student layer (or of
     ``layers``) on its real input in the compressed model, toward the teacher's
     state after its span. ``stream``: a LayerStream over the compressed model
-    (its boundary 0, the embeddings, is all that is used). ``pools``: for some
-    layers, the original layers whose MLP channels it chooses from again
-    before its refit (come_fast.channel_ls.reselect_mlp). Returns the reports."""
+    (its boundary 0, the embeddings, is all that is used). ``originals``: the
+    original model's layers; when given, every merged layer (a nested
+    provenance entry) chooses its MLP channels again among those of the
+    original layers it stands for, before its refit
+    (come_fast.channel_ls.reselect_mlp). Returns the reports."""
     import copy
 
     sp = spans(provenance, n_original)
@@ -459,12 +461,13 @@ def compensate_model(adapter: Adapter, stream, teacher: TeacherStates, provenanc
             layer = stack[k] = copy.deepcopy(layer)  # a kept layer may be the caller's own object: refit a copy
             end = sp[k][1]
             chosen = None
-            if pools and k in pools:
+            if originals is not None and isinstance(provenance[k], list):
                 from .channel_ls import reselect_mlp
 
                 # a layer streamed from disk (offload, device_map) has its weights on the meta device
                 # until it runs: a copy materialises it for as long as the choice needs it
-                srcs = [copy.deepcopy(s) if any(p.is_meta for p in s.parameters()) else s for s in pools[k]]
+                srcs = [copy.deepcopy(s) if any(p.is_meta for p in s.parameters()) else s
+                        for s in (originals[j] for j in _leaves(provenance[k]))]
                 chosen = reselect_mlp(adapter, stream, layer, srcs, x, teacher[end])
                 del srcs
             rep = refit_parts(adapter, stream, layer, x, teacher[end], alphas=alphas, holdout=holdout,
