@@ -114,8 +114,8 @@ class Sweep:
     def __init__(self, model: str = "smollm2-135m", methods="all", ratios=(0.1, 0.2, 0.3), limit: Optional[int] = 200,
                  tasks_at=None, out="results", calib=None, data_dir=None, options: Optional[dict] = None,
                  keep_models: bool = False, ppl_windows: Optional[int] = 40, progress: bool = True,
-                 verbose: bool = False):
-        from .eval import ZERO_SHOT_TASKS, default_data_dir
+                 verbose: bool = False, start: int = 0, tasks=None):
+        from .eval import ZERO_SHOT_TASKS, check_start, default_data_dir
 
         self.model_name = model
         self.methods = resolve_methods(methods)
@@ -125,6 +125,8 @@ class Sweep:
                 raise ValueError(f"ratios must lie in (0, 1), got {r}")
         self.tasks_at = set(self.ratios if tasks_at is None else [float(r) for r in tasks_at])
         self.limit = limit
+        check_start(start)
+        self.start = int(start)  # 200 with limit=N: examples outside the dev slice, to report on
         self.out = Path(out)
         self.calib = None if calib is None else str(calib)
         self.data_dir = Path(data_dir) if data_dir else default_data_dir()
@@ -144,7 +146,13 @@ class Sweep:
         self.ppl_windows = ppl_windows
         self.progress = progress
         self.verbose = verbose
-        self.zero_shot = list(ZERO_SHOT_TASKS)
+        zero_shot = list(ZERO_SHOT_TASKS) if tasks is None else (
+            [t.strip() for t in tasks.split(",") if t.strip()] if isinstance(tasks, str) else list(tasks))
+        bad = [t for t in zero_shot if t not in ZERO_SHOT_TASKS]
+        if bad or not zero_shot:
+            raise ValueError(f"unknown zero-shot task(s) {', '.join(bad) or '(none given)'}; "
+                             f"available: {', '.join(ZERO_SHOT_TASKS)}")
+        self.zero_shot = zero_shot
         (self.out / "cells").mkdir(parents=True, exist_ok=True)
 
     # cells ----------------------------------------------------------------------------
@@ -352,7 +360,9 @@ class Sweep:
             rec = self.read(method, ratio)  # re-read: another process may have added tasks meanwhile
             if t in rec.get("tasks", {}):
                 continue
-            r = evaluate_task(model, tok, t, self.data_dir, limit=self.limit, progress=bool(self.verbose))
+            r = evaluate_task(model, tok, t, self.data_dir, limit=self.limit, start=self.start,
+                              progress=bool(self.verbose))
+            r["start"] = self.start
             rec = {**self.read(method, ratio), **extra}
             rec.setdefault("tasks", {})[t] = r
             rec["eval_seconds"] = rec.get("eval_seconds", 0.0) + r["seconds"]
@@ -547,7 +557,10 @@ def to_markdown(recs: list[dict], sweep: Optional[Sweep] = None) -> str:
         lines += [f"Calibration: `{sweep.calib or 'default (sampled from the model)'}`. " +
                   (f"WikiText-2 perplexity: first {sweep.ppl_windows} windows of 512 tokens. " if sweep.ppl_windows
                    else "WikiText-2 perplexity: the whole test set, windows of 512 tokens. ") +
-                  f"Zero-shot tasks: first {sweep.limit} examples each, at ratios "
+                  (f"Zero-shot tasks ({', '.join(_SHORT[t] for t in sweep.zero_shot)}): "
+                   + (f"examples {sweep.start}..{sweep.start + sweep.limit - 1} of each (outside the dev slice)"
+                      if sweep.start and sweep.limit else f"examples from {sweep.start} of each" if sweep.start
+                      else f"first {sweep.limit} examples each") + ", at ratios ") +
                   f"{', '.join(f'{r:g}' for r in sorted(sweep.tasks_at)) or 'none'}. "
                   "Accuracies in % (acc_norm for PIQA, HellaSwag, ARC, OBQA; acc for WinoGrande, BoolQ); "
                   "`above` = (avg - chance) / (dense avg - chance).", ""]
@@ -576,11 +589,13 @@ def to_markdown(recs: list[dict], sweep: Optional[Sweep] = None) -> str:
         rows = [r for r in recs if r["ratio_asked"] == ratio and r["method"] != DENSE]
         rows.sort(key=lambda r: r["ppl"])
         lines += [f"## {100 * ratio:g}% of parameters asked (sorted by perplexity)", ""] + table(rows) + [""]
+    n = sweep.limit if sweep is not None and sweep.limit else 200
     lines += ["`*`: layers with an attention or MLP sublayer removed (FinerCut); `achieved` counts all parameters, "
               "embeddings included.", "",
-              "With 200 examples per task the standard error is about 3 points: differences under about 5 points "
-              "are noise. BoolQ is no signal for this model (dense scores below always answering yes); WinoGrande, ARC-c and "
-              "OpenBookQA sit at chance even dense. Perplexity, PIQA, HellaSwag and ARC-e are the signals that move.",
+              f"With {n} examples per task the standard error is about {100 * (0.25 / n) ** 0.5:.1f} points: differences "
+              f"under about {100 * (0.5 / n) ** 0.5:.0f} points are noise. BoolQ is no signal for this model (dense "
+              "scores below always answering yes); WinoGrande, ARC-c and OpenBookQA sit at chance even dense. "
+              "Perplexity, PIQA, HellaSwag and ARC-e are the signals that move.",
               ""]
     # wall time per method
     by = {}

@@ -284,6 +284,7 @@ def _check_args(args) -> None:
         args.device = resolve_device(args.device)  # before the model loads
     if args.cmd == "bench" and args.bench == "quality":
         at_least("--limit", args.limit, 1, "a positive integer (the first N examples of each task)")
+        at_least("--start", args.start, 0, "a non-negative integer (the first example index)")
         if args.ppl_windows is not None:
             at_least("--ppl-windows", args.ppl_windows, 1, "a positive integer (WikiText-2 windows) or 'all'")
         at_least("--threads", args.threads, 1, "a positive integer")
@@ -350,7 +351,7 @@ def _bench_quality(args) -> int:
     sweep = Sweep(model=args.model, methods=args.methods, ratios=_ratios(args.ratios), limit=args.limit,
                   tasks_at=_ratios(args.tasks_at), out=args.out, calib=args.calib, data_dir=data_dir,
                   options=options, keep_models=args.keep_models, ppl_windows=args.ppl_windows,
-                  progress=not args.quiet, verbose=args.verbose)
+                  progress=not args.quiet, verbose=args.verbose, start=args.start, tasks=args.tasks)
     todo = sweep.pending()
     print(f"{len(sweep.cells())} cells, {len(todo)} pieces of work left; results in {sweep.out}/")
     sweep.run()
@@ -518,6 +519,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--ratios", default="0.1,0.2,0.3", help="shares of all parameters to remove")
     q.add_argument("--limit", type=int, default=200, help="first N examples per zero-shot task")
     q.add_argument("--tasks-at", default=None, help="ratios at which the 7 tasks run (default: all; 'none': perplexity only)")
+    q.add_argument("--tasks", default=None, help="comma-separated zero-shot tasks to run (default: the seven)")
+    q.add_argument("--start", type=int, default=0,
+                   help="first example index per task (--start 200: examples outside the dev slice, to report on)")
     q.add_argument("--out", default="results", help="results folder (default: results)")
     q.add_argument("--calib", default=None, help="calibration, as for compress (the same for every method)")
     q.add_argument("--data-dir", default=None, help="folder with wikitext2/, piqa/, ... (default: "

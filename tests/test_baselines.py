@@ -552,6 +552,40 @@ def test_cli_bench_quality_arguments(tmp_path):
         bench.Sweep(methods="sleb", options={"ppl": {"score_rows": 4}}, out="unused", progress=False)
 
 
+def test_bench_held_out_slice_and_task_subset(tmp_path, monkeypatch):
+    """--start/--tasks: the sweep scores the named tasks on examples start.. (outside the dev slice) and says so."""
+    import come_fast.eval as ev
+    from come_fast import bench
+    from come_fast.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "quality", "--tasks", "piqa,arc_easy", "--start", "200"])
+    assert args.tasks == "piqa,arc_easy" and args.start == 200
+    sw = bench.Sweep(methods="shortgpt", ratios=(0.2,), out=tmp_path, data_dir=tmp_path, progress=False,
+                     tasks="piqa,arc_easy", start=200, limit=300)
+    assert sw.zero_shot == ["piqa", "arc_easy"] and len(sw.pending()) == 2 + 2
+    base = {"model": "m", "ppl": 30.0, "layers": 30, "params": 100, "compress_seconds": 0.0, "eval_seconds": 1.0,
+            "achieved_ratio": 0.0, "provenance": None, "tasks": {}}
+    sw.write({**base, "method": "dense", "ratio_asked": 0.0})
+    seen = []
+
+    def fake_task(model, tok, name, data_dir, limit=None, start=0, progress=True):
+        seen.append((name, limit, start))
+        return {"acc": 0.5, "acc_norm": 0.5, "headline": "acc_norm", "chance": 0.5, "n": limit, "seconds": 0.0}
+
+    monkeypatch.setattr(ev, "evaluate_task", fake_task)
+    monkeypatch.setattr(sw, "_load_dense", lambda: (None, None))
+    sw.run_tasks("dense", 0.0)
+    assert seen == [("piqa", 300, 200), ("arc_easy", 300, 200)]
+    assert {t: r["start"] for t, r in sw.read("dense", 0.0)["tasks"].items()} == {"piqa": 200, "arc_easy": 200}
+    md = bench.to_markdown(sw.records(), sw)
+    assert "Zero-shot tasks (PIQA, ARC-e): examples 200..499 of each (outside the dev slice)" in md
+    assert "With 300 examples per task the standard error is about 2.9 points" in md
+    with pytest.raises(ValueError, match="unknown zero-shot task.*wikitext2"):
+        bench.Sweep(methods="shortgpt", out=tmp_path, tasks="piqa,wikitext2", progress=False)
+    with pytest.raises(ValueError, match="start must be a non-negative integer"):
+        bench.Sweep(methods="shortgpt", out=tmp_path, start=-1, progress=False)
+
+
 def test_compress_refuses_unknown_method_options_before_any_work():
     model = tiny_model("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}
