@@ -36,32 +36,26 @@ def _mean(recs: list) -> tuple:
 
 def table(dev: dict, held: dict) -> str:
     lines = []
-    ratios = sorted({r for (_, r) in held if r > 0})
-    dense = held.get(("dense", 0.0)), dev.get(("dense", 0.0))
-    for ratio in ratios + ([0.0] if all(dense) else []):
+    for ratio in sorted({r for (_, r) in held if r > 0}) + [0.0]:  # dense last
         rows = []
         for (m, r), h in held.items():
             if r != ratio or (m, r) not in dev:
                 continue
-            d = dev[(m, r)]
-            dm, ds, _ = _mean([d])
-            hm, hs, hacc = _mean([h])
-            pm, ps, _ = _mean([d, h])
             starts = {h["tasks"][t].get("start") for t in TASKS}
-            rows.append((pm, m, dm, ds, hm, hs, hacc, pm, ps, h["ppl"], starts))
-        if not rows:
-            continue
-        rows.sort(key=lambda x: -x[0])
-        n_held = {h["tasks"][t]["n"] for (m, r), h in held.items() if r == ratio for t in TASKS}
-        lines += [f"## {'dense' if ratio == 0 else f'{100 * ratio:g}% of parameters asked'}", "",
-                  f"| method | dev slice (0-199) | held out ({', '.join(map(str, sorted(n_held)))} from 200) "
-                  "| PIQA / HS / ARC-e held out | pooled | WikiText-2 PPL (40 windows) |",
-                  "|---|---:|---:|---|---:|---:|"]
-        for _, m, dm, ds, hm, hs, hacc, pm, ps, ppl, starts in rows:
             if starts != {200}:
                 raise ValueError(f"{m}@{ratio:g}: held-out cell not scored from example 200 ({starts})")
+            rows.append((_mean([dev[(m, r)], h]), m, _mean([dev[(m, r)]]), _mean([h]), h))
+        if not rows:
+            continue
+        rows.sort(key=lambda x: -x[0][0])
+        n_held = sorted({h["tasks"][t]["n"] for *_, h in rows for t in TASKS})
+        lines += [f"## {'dense' if ratio == 0 else f'{100 * ratio:g}% of parameters asked'}", "",
+                  f"| method | dev slice (0-199) | held out ({', '.join(map(str, n_held))} from 200) "
+                  "| PIQA / HS / ARC-e held out | pooled | WikiText-2 PPL (40 windows) |",
+                  "|---|---:|---:|---|---:|---:|"]
+        for (pm, ps, _), m, (dm, ds, _), (hm, hs, hacc), h in rows:
             lines.append(f"| {m} | {dm:.1f} ± {ds:.1f} | {hm:.1f} ± {hs:.1f} | "
-                         f"{' / '.join(f'{100 * a:.1f}' for a in hacc)} | **{pm:.1f}** ± {ps:.1f} | {ppl:.2f} |")
+                         f"{' / '.join(f'{100 * a:.1f}' for a in hacc)} | **{pm:.1f}** ± {ps:.1f} | {h['ppl']:.2f} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -115,7 +115,7 @@ class Sweep:
                  tasks_at=None, out="results", calib=None, data_dir=None, options: Optional[dict] = None,
                  keep_models: bool = False, ppl_windows: Optional[int] = 40, progress: bool = True,
                  verbose: bool = False, start: int = 0, tasks=None):
-        from .eval import ZERO_SHOT_TASKS, check_start, default_data_dir
+        from .eval import ZERO_SHOT_TASKS, _check_task_names, check_start, default_data_dir
 
         self.model_name = model
         self.methods = resolve_methods(methods)
@@ -146,13 +146,7 @@ class Sweep:
         self.ppl_windows = ppl_windows
         self.progress = progress
         self.verbose = verbose
-        zero_shot = list(ZERO_SHOT_TASKS) if tasks is None else (
-            [t.strip() for t in tasks.split(",") if t.strip()] if isinstance(tasks, str) else list(tasks))
-        bad = [t for t in zero_shot if t not in ZERO_SHOT_TASKS]
-        if bad or not zero_shot:
-            raise ValueError(f"unknown zero-shot task(s) {', '.join(bad) or '(none given)'}; "
-                             f"available: {', '.join(ZERO_SHOT_TASKS)}")
-        self.zero_shot = zero_shot
+        self.zero_shot = list(ZERO_SHOT_TASKS) if tasks is None else _check_task_names(tasks, known=ZERO_SHOT_TASKS)
         (self.out / "cells").mkdir(parents=True, exist_ok=True)
 
     # cells ----------------------------------------------------------------------------
@@ -549,6 +543,14 @@ def summary_table(recs: list[dict], tasks: list[str]) -> list[str]:
     return out
 
 
+def _slice_words(sweep: Sweep) -> str:
+    if not sweep.start:
+        return f"first {sweep.limit} examples each"
+    if sweep.limit is None:
+        return f"examples from {sweep.start} of each"
+    return f"examples {sweep.start}..{sweep.start + sweep.limit - 1} of each (outside the dev slice)"
+
+
 def to_markdown(recs: list[dict], sweep: Optional[Sweep] = None) -> str:
     tasks = sweep.zero_shot if sweep else list(_SHORT)
     dense = next((r for r in recs if r["method"] == DENSE), None)
@@ -557,10 +559,8 @@ def to_markdown(recs: list[dict], sweep: Optional[Sweep] = None) -> str:
         lines += [f"Calibration: `{sweep.calib or 'default (sampled from the model)'}`. " +
                   (f"WikiText-2 perplexity: first {sweep.ppl_windows} windows of 512 tokens. " if sweep.ppl_windows
                    else "WikiText-2 perplexity: the whole test set, windows of 512 tokens. ") +
-                  (f"Zero-shot tasks ({', '.join(_SHORT[t] for t in sweep.zero_shot)}): "
-                   + (f"examples {sweep.start}..{sweep.start + sweep.limit - 1} of each (outside the dev slice)"
-                      if sweep.start and sweep.limit else f"examples from {sweep.start} of each" if sweep.start
-                      else f"first {sweep.limit} examples each") + ", at ratios ") +
+                  f"Zero-shot tasks ({', '.join(_SHORT[t] for t in sweep.zero_shot)}): {_slice_words(sweep)}, "
+                  "at ratios "
                   f"{', '.join(f'{r:g}' for r in sorted(sweep.tasks_at)) or 'none'}. "
                   "Accuracies in % (acc_norm for PIQA, HellaSwag, ARC, OBQA; acc for WinoGrande, BoolQ); "
                   "`above` = (avg - chance) / (dense avg - chance).", ""]

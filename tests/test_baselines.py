@@ -580,7 +580,7 @@ def test_bench_held_out_slice_and_task_subset(tmp_path, monkeypatch):
     md = bench.to_markdown(sw.records(), sw)
     assert "Zero-shot tasks (PIQA, ARC-e): examples 200..499 of each (outside the dev slice)" in md
     assert "With 300 examples per task the standard error is about 2.9 points" in md
-    with pytest.raises(ValueError, match="unknown zero-shot task.*wikitext2"):
+    with pytest.raises(ValueError, match="unknown task.*'wikitext2'; known tasks: piqa, hellaswag, winogrande"):
         bench.Sweep(methods="shortgpt", out=tmp_path, tasks="piqa,wikitext2", progress=False)
     with pytest.raises(ValueError, match="start must be a non-negative integer"):
         bench.Sweep(methods="shortgpt", out=tmp_path, start=-1, progress=False)

@@ -23,7 +23,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Iterable, Mapping, Optional
+from typing import Iterable, Mapping, Optional, Sequence
 
 from .perplexity import (WIKITEXT2_TEST, check_batch_size, check_windows, wikitext2_perplexity,
                          wikitext2_perplexity_details)
@@ -137,15 +137,16 @@ def default_data_dir() -> Path:
     return here
 
 
-def _check_task_names(tasks: Iterable[str]) -> list[str]:
+def _check_task_names(tasks: Iterable[str], known: Sequence[str] = ALL_TASKS) -> list[str]:
+    """The task names of a list or a comma-separated string, each one of ``known``."""
     if isinstance(tasks, str):  # "piqa" would iterate as letters
         tasks = [t.strip() for t in tasks.split(",") if t.strip()]
     names = list(tasks)
     if not names:
-        raise ValueError(f"no task given; known tasks: {', '.join(ALL_TASKS)}")
-    unknown = [t for t in names if t not in ALL_TASKS]
+        raise ValueError(f"no task given; known tasks: {', '.join(known)}")
+    unknown = [t for t in names if t not in known]
     if unknown:
-        raise ValueError(f"unknown task(s) {', '.join(map(repr, unknown))}; known tasks: {', '.join(ALL_TASKS)}")
+        raise ValueError(f"unknown task(s) {', '.join(map(repr, unknown))}; known tasks: {', '.join(known)}")
     return names
 
 
