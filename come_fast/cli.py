@@ -214,7 +214,7 @@ def _eval(args) -> int:
     import torch
 
     from . import api
-    from .eval import to_markdown
+    from .eval import _check_task_names, to_markdown
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -222,14 +222,8 @@ def _eval(args) -> int:
     data_dir = args.data_dir or _default_data_dir()
     if data_dir is None or not Path(data_dir).is_dir():
         raise FileNotFoundError(f"data folder {data_dir!r} not found: pass --data-dir (the folder with wikitext2/, piqa/, ...)")
-    tasks = None
-    if args.tasks is not None:
-        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-        if not tasks:
-            raise ValueError(f"--tasks {args.tasks!r} names no task; known: {', '.join(_known_tasks())}")
-        unknown = [t for t in tasks if t not in _known_tasks()]
-        if unknown:  # before the model loads
-            raise ValueError(f"unknown task(s) {', '.join(map(repr, unknown))}; known: {', '.join(_known_tasks())}")
+    # before the model loads
+    tasks = None if args.tasks is None else _check_task_names(args.tasks)
     model, tok, meta = api.load(args.model, dtype=_torch_dtype(args.dtype), device=args.device)
     res = api.evaluate(model, tasks=tasks, data_dir=data_dir, limit=args.limit, tokenizer=tok,
                        progress=not args.quiet, batch_size=args.batch_size, start=args.start,
@@ -245,12 +239,6 @@ def _eval(args) -> int:
         out.with_suffix(".md").write_text(to_markdown({name: res}) + "\n")
         print(f"wrote {out} and {out.with_suffix('.md')}")
     return 0
-
-
-def _known_tasks() -> tuple:
-    from .eval import ALL_TASKS
-
-    return ALL_TASKS
 
 
 def _check_args(args) -> None:

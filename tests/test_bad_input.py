@@ -458,7 +458,7 @@ def test_eval_limit_and_tasks_api(tmp_path):
 @pytest.mark.parametrize("args, words", [
     (["--limit", "-1"], "--limit must be a positive integer"),
     (["--limit", "0"], "--limit must be a positive integer"),
-    (["--tasks", ",,,"], "names no task"),
+    (["--tasks", ",,,"], "no task given"),
     (["--tasks", "piqa,mmlu"], "unknown task(s) 'mmlu'"),
 ])
 def test_eval_cli_limit_and_tasks(capsys, tiny_dir, tmp_path, args, words):

@@ -271,6 +271,7 @@ def test_aggregate_stderr():
     out = T.aggregate([{"acc": 1.0}, {"acc": 0.0}, {"acc": 1.0}, {"acc": 1.0}], ["acc"])
     # mean .75; sample variance (3 * .0625 + .5625) / 3 = .25; stderr sqrt(.25 / 4)
     assert out == {"acc": 0.75, "acc_stderr": pytest.approx(0.25), "n": 4}
+    assert T.aggregate([{"acc": 1.0}, {"acc": 0.0}, {"acc": 1.0}], ["acc"], "acc")["correct"] == "101"
 
 
 def test_above_chance_share():
@@ -410,3 +411,38 @@ def test_dense_smollm2_wikitext2_perplexity():
     model, tokenizer = load_model("smollm2-135m")
     ppl = ev.wikitext2_perplexity(model, tokenizer, DATA_DIR, seq_len=512, windows=40)
     assert ppl == pytest.approx(29.1876, abs=0.05)
+
+
+def test_paired_difference_against_numpy():
+    import statistics
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a, b, diffs, variances = {}, {}, [], []
+    for t, n in (("piqa", 37), ("arc_easy", 51)):
+        xa, xb = rng.integers(0, 2, n), rng.integers(0, 2, n)
+        a[t] = {"correct": "".join(map(str, xa)), "start": 200}
+        b[t] = {"correct": "".join(map(str, xb)), "start": 200}
+        d = xa - xb
+        diffs.append(d.mean())
+        variances.append(d.var(ddof=1) / n)
+    out = ev.paired_difference(a, b)
+    assert out["diff"] == pytest.approx(np.mean(diffs))
+    assert out["se"] == pytest.approx(np.sqrt(sum(variances)) / 2)
+    z = abs(out["diff"]) / out["se"]
+    assert out["p"] == pytest.approx(2 * (1 - statistics.NormalDist().cdf(z)))
+    arc = out["tasks"]["arc_easy"]
+    assert (arc["n"], arc["only_a"] - arc["only_b"]) == (51, int(round(arc["diff"] * 51)))
+    # by hand: d = (0, 1, -1, 0), mean 0, sample variance 2/3
+    one = ev.paired_difference({"piqa": {"correct": "1100"}}, {"piqa": {"correct": "1010"}})
+    assert one["diff"] == 0 and one["se"] == pytest.approx(math.sqrt(2 / 3 / 4)) and one["p"] == 1.0
+    assert one["tasks"]["piqa"]["only_a"] == one["tasks"]["piqa"]["only_b"] == 1
+    with pytest.raises(ValueError, match="same questions"):
+        ev.paired_difference({"piqa": {"correct": "110"}}, {"piqa": {"correct": "1010"}})
+    with pytest.raises(ValueError, match="same questions"):
+        ev.paired_difference({"piqa": {"correct": "1010", "start": 0}}, {"piqa": {"correct": "1010", "start": 200}})
+    with pytest.raises(ValueError, match="per-question"):
+        ev.paired_difference({"piqa": {"acc": 0.5}}, {"piqa": {"correct": "1010"}})
+    with pytest.raises(ValueError, match="no zero-shot task"):
+        ev.paired_difference({"piqa": {"correct": "1"}}, {"boolq": {"correct": "1"}})

@@ -289,6 +289,12 @@ def test_evaluate_through_lm_eval_matches_builtin(model, tokenizer):
         for m in T.get_task(n).metrics:
             assert ra[m] == rb[m], (n, m)
             assert ra[f"{m}_stderr"] == pytest.approx(rb[f"{m}_stderr"])
+        # the per-question answers: the same in both, in example order, and they make the headline metric
+        assert ra["correct"] == rb["correct"] and len(ra["correct"]) == 5
+        assert ra["correct"].count("1") / 5 == pytest.approx(ra[ra["headline"]])
+    one_by_one = "".join(ev.evaluate_task(model, tokenizer, "arc_challenge", DATA_DIR, limit=1, start=3 + i,
+                                          progress=False, harness="builtin")["correct"] for i in range(5))
+    assert a["tasks"]["arc_challenge"]["correct"] == one_by_one
     assert a["average"] == b["average"]
     json.dumps(a)
 

@@ -38,7 +38,7 @@ KNOWN_TASKS = ALL_TASKS
 __all__ = [
     "ALL_TASKS", "ZERO_SHOT_TASKS", "TASKS", "evaluate", "evaluate_task", "wikitext2_perplexity",
     "above_chance_share", "to_markdown", "write_json_atomic", "default_data_dir", "load_examples",
-    "HARNESSES", "zero_shot_harness",
+    "HARNESSES", "zero_shot_harness", "paired_difference",
 ]
 
 HARNESSES = ("auto", "lm-eval", "builtin")
@@ -93,7 +93,7 @@ def evaluate_task(model, tokenizer, name: str, data_dir, limit: Optional[int] = 
     ``zero_shot_harness``), examples ``start`` .. ``start + limit - 1``;
     ``task_batch_size`` requests (choices) per forward pass. Returns ``{"acc",
     "acc_stderr", ["acc_norm", "acc_norm_stderr"], "n", "headline", "chance",
-    "seconds"}`` (fractions)."""
+    "seconds", "correct"}`` (fractions; ``correct``: see ``evaluate``)."""
     check_limit(limit)
     check_start(start)
     _check_task_batch_size(task_batch_size)
@@ -179,13 +179,15 @@ def evaluate(model, tokenizer, tasks: Iterable[str] = ALL_TASKS, data_dir=None, 
     ``harness``: who scores the zero-shot tasks, "auto" (lm-eval when installed,
     else the built-in scorer with a warning), "lm-eval" or "builtin". With
     ``baseline`` (an earlier result of this function for the dense model) the
-    result also carries the above-chance share.
+    result also carries the above-chance share. Each task's ``correct`` holds
+    the headline metric per question ("1" right, "0" wrong, in example order):
+    ``paired_difference`` compares two models on the same questions with it.
 
     Returns::
 
         {"tasks": {"wikitext2": {"ppl", "windows", "tokens", "seconds"},
                    "piqa": {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n",
-                            "headline", "chance", "seconds"}, ...},
+                            "headline", "chance", "seconds", "correct"}, ...},
          "average": {"headline": mean headline metric, "chance": ..., "tasks": [...]},
          "above_chance": {...}            # only with baseline
          "config": {...}, "seconds": total}
@@ -275,6 +277,49 @@ def above_chance_share(result: Mapping, baseline: Mapping) -> dict:
         out["of_average"] = (acc - chance) / (dense - chance) if dense > chance else None
         out["retained"] = acc / dense if dense > 0 else None
     return out
+
+
+def paired_difference(a: Mapping, b: Mapping, tasks: Optional[Sequence[str]] = None) -> dict:
+    """Model a minus model b on the same questions: the task-mean headline
+    accuracy difference and its paired standard error.
+
+    ``a``, ``b``: ``{task: task result}`` (``result["tasks"]`` of ``evaluate``,
+    or a sweep cell's ``tasks``) whose results carry ``correct``, over the same
+    examples; ``tasks``: the zero-shot tasks both have when None. Each task
+    counts equally, as in the tables' means. Two models scored on the same
+    questions err on many of the same ones, so the difference's error comes
+    from the questions they answer differently: ``se`` is the standard error of
+    the per-question differences (per task, then combined as a mean of
+    independent tasks), usually well below the unpaired one (``se_unpaired``).
+    ``p``: two-sided, normal approximation. Per task: ``diff``, ``se``, ``n``,
+    ``only_a`` / ``only_b`` (questions only that model got right)."""
+    tasks = [t for t in ZERO_SHOT_TASKS if t in a and t in b] if tasks is None else list(tasks)
+    if not tasks:
+        raise ValueError("no zero-shot task scored for both models")
+    per, var, var_unpaired = {}, 0.0, 0.0
+    for t in tasks:
+        ra, rb = a[t], b[t]
+        if "correct" not in ra or "correct" not in rb:
+            raise ValueError(f"{t}: a result without per-question answers ('correct'); score it again")
+        ca, cb = ra["correct"], rb["correct"]
+        if len(ca) != len(cb) or ra.get("start", 0) != rb.get("start", 0):
+            raise ValueError(f"{t}: the two results are not on the same questions "
+                             f"({len(ca)} from {ra.get('start', 0)} vs {len(cb)} from {rb.get('start', 0)})")
+        n = len(ca)
+        d = [int(x) - int(y) for x, y in zip(ca, cb)]
+        mean = sum(d) / n
+        v = sum((x - mean) ** 2 for x in d) / (n - 1) / n if n > 1 else math.nan
+        pa, pb = ca.count("1") / n, cb.count("1") / n
+        var += v
+        var_unpaired += (pa * (1 - pa) + pb * (1 - pb)) / max(n - 1, 1)
+        per[t] = {"diff": mean, "se": math.sqrt(v), "n": n,
+                  "only_a": sum(x == 1 for x in d), "only_b": sum(x == -1 for x in d)}
+    k = len(tasks)
+    diff = sum(p["diff"] for p in per.values()) / k
+    se = math.sqrt(var) / k
+    z = diff / se if se > 0 else (0.0 if diff == 0 else math.inf)
+    return {"diff": diff, "se": se, "se_unpaired": math.sqrt(var_unpaired) / k,
+            "p": math.erfc(abs(z) / math.sqrt(2)), "tasks": per}
 
 
 _SHORT = {"wikitext2": "Wiki2 PPL", "piqa": "PIQA", "hellaswag": "HellaSwag", "winogrande": "WinoG",

@@ -33,7 +33,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from .lm_eval_tasks import LM_EVAL_TASKS, TASKS_DIR
-from .tasks import get_task, score_groups
+from .tasks import answers_string, get_task, score_groups
 
 __all__ = ["ComeFastLM", "evaluate_zero_shot", "lm_eval_version", "main"]
 
@@ -252,7 +252,7 @@ def evaluate_zero_shot(model, tokenizer, names: Sequence[str], data_dir, limit: 
                        start: int = 0, batch_size: int = 16, progress: bool = True,
                        max_length: Optional[int] = None, share_prefix: bool = True) -> dict:
     """``{task: {"acc", "acc_stderr", ["acc_norm", "acc_norm_stderr"], "n",
-    "headline", "chance", "seconds"}}`` for come_fast's task names, each scored
+    "headline", "chance", "seconds", "correct"}}`` for come_fast's task names, each scored
     by lm-eval's evaluator (``simple_evaluate``) on the local files: examples
     ``start`` .. ``start + limit - 1`` in file order (all from ``start`` when
     ``limit`` is None). ``batch_size``: requests per forward pass (the choices
@@ -287,7 +287,7 @@ def evaluate_zero_shot(model, tokenizer, names: Sequence[str], data_dir, limit: 
                 which = {"limit": limit}
             t0 = time.perf_counter()
             # lm-eval's evaluator itself (simple_evaluate minus model loading and environment logging)
-            res = evaluate(lm=lm, task_dict={"tasks": {task: task_obj}, "groups": {}}, log_samples=False, **which)
+            res = evaluate(lm=lm, task_dict={"tasks": {task: task_obj}, "groups": {}}, log_samples=True, **which)
             metrics = res["results"][task]
             r = {}
             for m in spec.metrics:
@@ -295,6 +295,8 @@ def evaluate_zero_shot(model, tokenizer, names: Sequence[str], data_dir, limit: 
                 se = metrics.get(f"{m}_stderr,none")
                 r[f"{m}_stderr"] = float(se) if isinstance(se, (int, float)) else None
             r["n"] = int(res["n-samples"][task]["effective"])
+            samples = sorted(res["samples"][task], key=lambda e: e["doc_id"])
+            r["correct"] = answers_string([e[spec.headline] for e in samples])
             r.update(headline=spec.headline, chance=spec.chance, seconds=round(time.perf_counter() - t0, 3))
             out[name] = r
     return out

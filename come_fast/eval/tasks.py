@@ -579,12 +579,21 @@ def mean_and_stderr(values: Sequence[float]) -> tuple[float, Optional[float]]:
     return mean, math.sqrt(var / n)
 
 
-def aggregate(per_example: Sequence[dict], metrics: Sequence[str]) -> dict:
-    """Task-level ``{metric, metric_stderr, ..., "n"}`` from per-question scores."""
+def answers_string(headline_scores: Sequence[float]) -> str:
+    """Per-question right (1) / wrong (0) of the headline metric, in example
+    order, as one string: what a paired comparison of two models needs."""
+    return "".join("1" if float(v) > 0.5 else "0" for v in headline_scores)
+
+
+def aggregate(per_example: Sequence[dict], metrics: Sequence[str], headline: Optional[str] = None) -> dict:
+    """Task-level ``{metric, metric_stderr, ..., "n"}`` from per-question scores,
+    and ``"correct"`` (``answers_string`` of ``headline``) when it is given."""
     out = {}
     for m in metrics:
         out[m], out[f"{m}_stderr"] = mean_and_stderr([s[m] for s in per_example])
     out["n"] = len(per_example)
+    if headline is not None:
+        out["correct"] = answers_string([s[headline] for s in per_example])
     return out
 
 
@@ -601,7 +610,8 @@ def evaluate_task(model, tokenizer, name: str, data_dir, limit: Optional[int] = 
     per pair of forward passes (``score_groups``), at least one question.
 
     Returns ``{"acc", "acc_stderr", ["acc_norm", "acc_norm_stderr"], "n",
-    "headline", "chance", "seconds"}`` (fractions, not percentages).
+    "headline", "chance", "seconds", "correct"}`` (fractions, not percentages;
+    ``correct``: ``answers_string`` of the headline metric).
     """
     from tqdm.auto import tqdm
 
@@ -630,6 +640,6 @@ def evaluate_task(model, tokenizer, name: str, data_dir, limit: Optional[int] = 
                 bar.update(len(chunk))
     finally:
         model.train(was_training)
-    result = aggregate(scores, spec.metrics)
+    result = aggregate(scores, spec.metrics, spec.headline)
     result.update(headline=spec.headline, chance=spec.chance, seconds=round(time.perf_counter() - start_time, 3))
     return result
