@@ -24,12 +24,15 @@ SLICES = (("dev slice (0-199)", 0, 200), ("held out (200-799)", 200, 800), ("all
 
 
 def _cells(folder: Path) -> dict:
-    out = {}
-    for p in sorted(folder.glob("*.json")):
-        rec = json.loads(p.read_text())
-        if all("correct" in rec.get("tasks", {}).get(t, {}) for t in TASKS):
-            out[(rec["method"], rec["ratio_asked"])] = rec
-    return out
+    """Every cell of ``folder`` by (method, ratio)."""
+    return {(rec["method"], rec["ratio_asked"]): rec
+            for rec in (json.loads(p.read_text()) for p in sorted(folder.glob("*.json")))}
+
+
+def _answered(cells: dict) -> dict:
+    """The cells with per-question answers for every task."""
+    return {k: rec for k, rec in cells.items()
+            if all("correct" in rec.get("tasks", {}).get(t, {}) for t in TASKS)}
 
 
 def _slice(rec: dict, lo: int, hi: int) -> dict:
@@ -73,11 +76,12 @@ def table(cells: dict, against: str) -> str:
                                            for name, *_ in SLICES) + " |",
                   "|---|" + "---:|" * len(SLICES)]
         rows = [(against, [f"**{_mean(_slice(ref, lo, hi)):.1f}**" for _, lo, hi in SLICES])]
+        whole = {}  # each method's difference on all the questions, for the per-task table
         for m in others:
             row = []
             for _, lo, hi in SLICES:
                 a, b = _slice(ref, lo, hi), _slice(cells[(m, ratio)], lo, hi)
-                d = paired_difference(a, b)
+                d = whole[m] = paired_difference(a, b)  # SLICES ends with all the questions
                 row.append(f"{_mean(b):.1f}: {round(100 * d['diff'], 1) + 0.0:+.1f} (± {100 * d['se']:.1f} / "
                            f"± {100 * d['se_unpaired']:.1f}, p {d['p']:.2f})")
             rows.append((m, row))
@@ -86,7 +90,7 @@ def table(cells: dict, against: str) -> str:
         lines += [f"Per task, all 800 questions ({against} minus it, paired ±; questions only {against} / only "
                   "it got right):", "", "| method | " + " | ".join(TASKS) + " |", "|---|" + "---:|" * len(TASKS)]
         for m in others:
-            d = paired_difference(_slice(ref, 0, 800), _slice(cells[(m, ratio)], 0, 800))["tasks"]
+            d = whole[m]["tasks"]
             lines.append(f"| {m} | " + " | ".join(
                 f"{100 * d[t]['diff']:+.1f} ± {100 * d[t]['se']:.1f} ({d[t]['only_a']} / {d[t]['only_b']})"
                 for t in TASKS) + " |")
@@ -100,16 +104,11 @@ def main() -> None:
     ap.add_argument("--dev", default="results/cells")
     ap.add_argument("--against", default="come")
     a = ap.parse_args()
-    cells = _cells(Path(a.cells))
-    bad = check_dev(cells, _cells_any(Path(a.dev)))
+    cells = _answered(_cells(Path(a.cells)))
+    bad = check_dev(cells, _cells(Path(a.dev)))
     print(table(cells, a.against))
     print("dev-slice check against " + a.dev + ": " + ("every model matches its table cell" if not bad
                                                          else "DIFFERENT MODELS: " + "; ".join(bad)))
-
-
-def _cells_any(folder: Path) -> dict:
-    return {(rec["method"], rec["ratio_asked"]): rec
-            for rec in (json.loads(p.read_text()) for p in sorted(folder.glob("*.json")))}
 
 
 if __name__ == "__main__":
