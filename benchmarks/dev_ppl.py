@@ -10,6 +10,7 @@ calibration's domain shows here), 20 windows of 512 tokens each, the same
 protocol as the WikiText-2 test perplexity otherwise.
 
     python benchmarks/dev_ppl.py --method come --ratio 0.3 [--option KEY=VALUE ...] [--out FILE]
+    python benchmarks/dev_ppl.py --saved DIR [--out FILE]     # a model compressed before (come_fast.save)
 """
 from __future__ import annotations
 
@@ -87,6 +88,7 @@ def main(argv=None) -> int:
     p.add_argument("--generate", action="store_true", help="also print a greedy continuation")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--snapshots", default=None, help="smaller ratios measured on the way (progressive methods)")
+    p.add_argument("--saved", default=None, help="measure this saved compressed model instead of compressing")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -110,7 +112,10 @@ def main(argv=None) -> int:
                 print(json.dumps({"snapshot": r, **snaps[r]}), flush=True)
 
         opts["on_step"] = on_step
-    if args.method != "dense":
+    if args.saved:
+        model, _, meta = come_fast.load(args.saved)
+        secs, prov, steps = 0.0, (meta or {}).get("provenance"), None
+    elif args.method != "dense":
         res = come_fast.compress(model, ratio=args.ratio, method=args.method, calib=str(CALIB), tokenizer=tok,
                                   progress=args.progress, **opts)
         opts.pop("on_step", None)
@@ -123,7 +128,7 @@ def main(argv=None) -> int:
     ppl = perplexity_of_ids(model, ids, windows=args.windows)["ppl"]
     wppl = perplexity_of_ids(model, wids, windows=args.windows)["ppl"]
     calib_kl = heldout_kl(model, come_fast.load_model("smollm2-135m")[0])
-    out = {"method": args.method, "ratio": args.ratio, "options": opts, "c4_dev_ppl": ppl, "wiki_valid_ppl": wppl, "calib_heldout_kl": calib_kl, "compress_s": secs,
+    out = {"method": "saved: " + args.saved if args.saved else args.method, "ratio": None if args.saved else args.ratio, "options": opts, "c4_dev_ppl": ppl, "wiki_valid_ppl": wppl, "calib_heldout_kl": calib_kl, "compress_s": secs,
            "provenance": prov, "steps": steps, "snapshots": snaps}
     if args.generate:
         ids_in = tok("The capital of France is", return_tensors="pt").input_ids

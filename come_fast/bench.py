@@ -38,7 +38,7 @@ LS_METHODS = ("magnitude+", "shortgpt", "replaceme", "reverse", "reverse-recover
 ALL_METHODS = ("magnitude+", "shortgpt", "replaceme", "reverse", "reverse-recover", "taylor+", "laco", "slm",
                "streamline", "ppl", "come-legacy", "come-p", "come-faithful", "sleb", "finercut",
                *(m + "+ls" for m in LS_METHODS),
-               "come-legacy+fold", "come-legacy+ls", "come-legacy+search", "come-score", "come")
+               "come-legacy+fold", "come-legacy+ls", "come-legacy+search", "come-score", "come+keep6", "come")
 # Named variants: a registered method with fixed options. "<method>+distill" (the
 # method, then 100 steps of hierarchical distillation from the original along the
 # provenance) is not in "all": post-training is not part of the no-training
@@ -48,6 +48,9 @@ VARIANTS = {"come-faithful": ("come", {"faithful": True}), "reverse-recover": ("
             "come-legacy": ("come", LEGACY),
             # the default before the MLP channels were chosen by the refit (its cells were "come" until 2026-12-01)
             "come-score": ("come", {"mlp_select": "score"}),
+            # the default with the top fifth of SmolLM2's layers never merged (the deletion methods that lead
+            # on the zero-shot tasks keep the top layers whole)
+            "come+keep6": ("come", {"keep_last": 6}),
             # CoMe's levers one at a time on top of the legacy rules (README: the ablation)
             "come-legacy+fold": ("come", {**LEGACY, "norms": "fold"}),
             "come-legacy+ls": ("come", {**LEGACY, "compensate": "ls"}),

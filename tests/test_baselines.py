@@ -590,7 +590,7 @@ def test_compress_refuses_unknown_method_options_before_any_work():
     model = tiny_model("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=r"unknown option\(s\) grid_steps for method 'come'; its own options: "
-                                         "beam, last_boundary, mlp_select, norms, pair_candidates"):
+                                         "beam, keep_last, last_boundary, mlp_select, norms"):
         come_fast.compress(model, target_layers=4, calib=tokens(), grid_steps=4)  # a come-p option
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     with pytest.raises(ValueError, match="its own options: none"):

@@ -110,7 +110,7 @@ LS = tuple(sorted(k for k in api.LS_OPTIONS if k in VALID))
 LS_CHECKS = api.LS_VALIDATORS
 # CoMe's default-mode options that faithful mode refuses
 COME_MODE = ("norms", "split", "pair_select", "pair_candidates", "split_grid", "search_refit", "search_solve",
-             "last_boundary", "pair_tokens", "beam", "mlp_select")
+             "last_boundary", "pair_tokens", "beam", "mlp_select", "keep_last")
 DISTILL = ("distill_lr", "distill_mse", "distill_kl", "distill_batch")
 CHEAP = {"streamline_steps": 2, "recover_steps": 2}  # defaults are 100 steps: cap them
 

@@ -460,16 +460,41 @@ def test_beam_keeps_the_best_paths():
     assert [st["merged_sha256"] for st in one.report if "pair" in st] == [st["merged_sha256"] for st in g_steps]
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_keep_last_leaves_the_top_layers_alone(family):
+    """keep_last=k: no merge touches the original model's last k layers (here the
+    unconstrained search merges layers 4 and 5, so the option is what keeps them),
+    and those layers come back bit for bit, the final refit included."""
+    import come_fast
+
+    ids = tokens(n=8, T=32)
+    free = come_fast.compress(tiny_model(family), target_layers=3, calib=ids)
+    assert any(isinstance(p, list) and {4, 5} & set(_leaves_of([p])) for p in free.provenance)
+    dense = tiny_model(family)
+    kept = come_fast.compress(copy.deepcopy(dense), target_layers=3, calib=ids, keep_last=2)
+    assert kept.provenance[1:] == [4, 5] and sorted(_leaves_of(kept.provenance[:1])) == [0, 1, 2, 3]
+    assert kept.settings["keep_last"] == 2
+    layers, orig = adapter_for(kept.model).layers, adapter_for(dense).layers
+    for i in (1, 2):
+        got, want = layers[i].state_dict(), orig[i + 3].state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_lever_options_checked():
     import come_fast
 
     ids = tokens(n=8, T=32)
     with pytest.raises(ValueError, match="faithful mode reproduces the release"):
         come_fast.compress(tiny_model("llama"), target_layers=5, calib=ids, faithful=True, norms="fold")
+    with pytest.raises(ValueError, match="faithful mode reproduces the release"):
+        come_fast.compress(tiny_model("llama"), target_layers=5, calib=ids, faithful=True, keep_last=1)
+    with pytest.raises(ValueError, match="leaves 2 of 6 layers to merge, room for 1 removal; 2 asked"):  # before any work
+        come_fast.compress(tiny_model("llama"), target_layers=4, calib=ids, keep_last=4)
     with pytest.raises(ValueError, match="faithful mode reproduces the release: it takes no compensation"):
         come_fast.compress(tiny_model("llama"), target_layers=5, calib=ids, faithful=True, compensate="ls")
     for bad in ({"norms": "avg"}, {"split": "grid"}, {"split_grid": []}, {"split_grid": [0.5, 2]},
-                {"pair_select": "loss"}, {"pair_candidates": 0}, {"search_refit": "yes"}, {"beam": 0}):
+                {"pair_select": "loss"}, {"pair_candidates": 0}, {"search_refit": "yes"}, {"beam": 0},
+                {"keep_last": -1}, {"keep_last": 1.5}, {"keep_last": 5}):
         model = tiny_model("llama")
         before = {k: v.clone() for k, v in model.state_dict().items()}
         with pytest.raises(ValueError, match=next(iter(bad))):

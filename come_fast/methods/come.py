@@ -36,6 +36,10 @@ changes five things, each an option (the README's ablations):
   choice at every candidate of the search instead (it changes which merges
   win: on SmolLM2 better at 10% and 30%, worse at 20%), "ls+final" both.
 
+``keep_last=k`` (default 0): no merge touches the original model's last k
+layers (the deletion methods that lead on the zero-shot tasks keep the top
+third whole; this measures whether CoMe should too).
+
 ``beam=k`` (default 1, the greedy search): the k partial models the judge
 ranks best are kept at every step, each continued by its own candidates.
 Measured on SmolLM2 with k=2 (README): the same model at 30%, no gain.
@@ -58,7 +62,7 @@ from ..calibration import LayerStream
 from ..channel_ls import select_mlp
 from ..merge import Selection, concat_merge, merge_provenance, query_heads, replace_pair
 from ..scoring import allocate, channel_scores, split_ratio, top_units
-from . import Context, Outcome, Validator, boolean, number, one_of, positive_int, register
+from . import Context, Outcome, Validator, boolean, integer, number, one_of, positive_int, register
 
 
 class NoMergeablePairError(ValueError):
@@ -71,6 +75,19 @@ def blocked_pairs(prov: list) -> set[int]:
     for i, p in enumerate(prov):
         if isinstance(p, list):
             out.update(j for j in (i - 1, i) if j >= 0)
+    return out
+
+
+def _originals(p) -> list[int]:
+    return [p] if isinstance(p, int) else [i for q in p for i in _originals(q)]
+
+
+def protected_pairs(prov: list, keep_last: int, n_layers: int) -> set[int]:
+    """Pairs touching one of the original model's last ``keep_last`` layers."""
+    out = set()
+    for i, p in enumerate(prov):
+        if max(_originals(p)) >= n_layers - keep_last:
+            out.update(j for j in (i - 1, i) if 0 <= j < len(prov) - 1)
     return out
 
 
@@ -194,13 +211,18 @@ def _come(ctx: Context, n_remove: int, method: str) -> Outcome:
     pair_tokens = opts.get("pair_tokens", "last")
     if faithful and (not last_normed or pair_tokens != "last"):
         raise ValueError("faithful mode keeps the release's last_boundary='final_norm' and pair_tokens='last'")
-    levers = (*DEFAULTS, "search_solve", "beam")
+    keep_last = int(opts.get("keep_last") or 0)
+    levers = (*DEFAULTS, "search_solve", "beam", "keep_last")
     if faithful and any(opts.get(k) is not None for k in levers):
         raise ValueError(f"faithful mode reproduces the release: the options {', '.join(levers)} do not apply")
     if pair_tokens == "all" and opts.get("max_cache_bytes") is not None:
         raise ValueError("pair_tokens='all' needs every layer boundary cached: drop max_cache_bytes")
     a = ctx.adapter
     L0 = len(a.layers)
+    if keep_last and n_remove > L0 - keep_last - 1:
+        room = max(L0 - keep_last - 1, 0)
+        raise ValueError(f"keep_last={keep_last} leaves {max(L0 - keep_last, 0)} of {L0} layers to merge, room for "
+                         f"{room} removal{'' if room == 1 else 's'}; {n_remove} asked")
     prov: list = list(range(L0))
     steps = []
     teacher = ctx.teacher if opts.get("search_refit", True) else None  # compensate="ls": refit every candidate
@@ -243,6 +265,7 @@ def _come(ctx: Context, n_remove: int, method: str) -> Outcome:
         bi = [st.bi_sum for st in stream.stats]
         dist = stream.pair_distance(pair_tokens)
         blocked = set() if allow_repeat else blocked_pairs(prov)
+        blocked |= protected_pairs(prov, keep_last, L0)
         if pair_select == "bi":
             pairs, used = [], 0
             for j in sorted(range(L), key=lambda j: (bi[j], j)):  # the k lowest-BI layers with a free pair
@@ -257,9 +280,10 @@ def _come(ctx: Context, n_remove: int, method: str) -> Outcome:
         if not pairs:
             if len(paths) > 1:
                 return [], bi, dist, blocked
+            also = f" or one of the last {keep_last} layers (keep_last)" if keep_last else ""
             raise NoMergeablePairError(
-                f"step {step + 1}: every adjacent pair touches an already merged layer; "
-                "ask for fewer removals or pass allow_repeat=True"
+                f"step {step + 1}: every adjacent pair touches an already merged layer{also}; "
+                "ask for fewer removals or pass allow_repeat=True" + (" or a smaller keep_last" if keep_last else "")
             )
         cands = []
         for idx in pairs:
@@ -357,7 +381,7 @@ def _come(ctx: Context, n_remove: int, method: str) -> Outcome:
                 "last_boundary": "final_norm" if last_normed else "raw", "pair_tokens": pair_tokens,
                 "norms": norms, "split": split, "split_grid": list(splits) if split == "search" else None,
                 "grid_steps": grid_steps if split == "grid" else None, "pair_select": pair_select,
-                "pair_candidates": k_pairs, "beam": beam, "mlp_select": mlp_select,
+                "pair_candidates": k_pairs, "beam": beam, "mlp_select": mlp_select, "keep_last": keep_last,
                 "refit_in_search": teacher is not None,
                 "judged_on_rows": None if judge is None or judge.lm else judge.rows,
                 "layers_run": stream.layers_run}
@@ -370,7 +394,7 @@ SPLIT_GRID = Validator(lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and
 _COMMON = {"last_boundary": one_of("final_norm", "raw"), "pair_tokens": one_of("last", "all"),
            "norms": one_of("mean", "fold"), "pair_select": one_of("distance", "bi"),
            "pair_candidates": positive_int, "score_rows": positive_int, "search_refit": boolean,
-           "search_solve": one_of("all", "fit"), "beam": positive_int, "mlp_select": one_of(*MLP_SELECTS)}
+           "search_solve": one_of("all", "fit"), "beam": positive_int, "keep_last": integer(0), "mlp_select": one_of(*MLP_SELECTS)}
 
 
 @register("come", options={**_COMMON, "split": one_of("search", "bi"), "split_grid": SPLIT_GRID})
