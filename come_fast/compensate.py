@@ -49,9 +49,10 @@ class CompensationError(ValueError):
 
 # -- where each student layer's target lies ---------------------------------------------
 
-def _leaves(item) -> list[int]:
+def leaves(item) -> list[int]:
+    """The original layers a provenance entry (an int or a nested list) stands for."""
     if isinstance(item, (list, tuple)):
-        return [x for it in item for x in _leaves(it)]
+        return [x for it in item for x in leaves(it)]
     return [int(item)]
 
 
@@ -59,11 +60,11 @@ def spans(provenance: list, n_original: int) -> list[tuple[int, int]]:
     """[start, end) in original layers for every student layer: from its first
     original layer to the next student layer's first (a gap of deleted layers
     belongs to the layer before it; the last layer runs to the end)."""
-    starts = [min(_leaves(p)) for p in provenance]
+    starts = [min(leaves(p)) for p in provenance]
     ends = starts[1:] + [n_original]
     out = list(zip(starts, ends))
     for (s, e), p in zip(out, provenance):
-        if e <= s or max(_leaves(p)) >= e:
+        if e <= s or max(leaves(p)) >= e:
             raise CompensationError(f"provenance {provenance} is not in layer order")
     return out
 
@@ -467,7 +468,7 @@ def compensate_model(adapter: Adapter, stream, teacher: TeacherStates, provenanc
                 # a layer streamed from disk (offload, device_map) has its weights on the meta device
                 # until it runs: a copy materialises it for as long as the choice needs it
                 srcs = [copy.deepcopy(s) if any(p.is_meta for p in s.parameters()) else s
-                        for s in (originals[j] for j in _leaves(provenance[k]))]
+                        for s in (originals[j] for j in leaves(provenance[k]))]
                 chosen = reselect_mlp(adapter, stream, layer, srcs, x, teacher[end])
                 del srcs
             rep = refit_parts(adapter, stream, layer, x, teacher[end], alphas=alphas, holdout=holdout,
