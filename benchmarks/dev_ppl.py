@@ -92,8 +92,15 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.saved and (args.option or args.snapshots):
+        p.error("--saved measures a model as it was saved: --option and --snapshots do not apply")
     opts = dict(_parse_kv(t) for t in args.option)
-    model, tok = come_fast.load_model("smollm2-135m")
+    if args.saved:
+        model, tok, meta = come_fast.load(args.saved)
+        if tok is None:
+            p.error(f"{args.saved} holds no tokenizer")
+    else:
+        model, tok = come_fast.load_model("smollm2-135m")
     t0 = time.perf_counter()
     ids = c4_dev_ids(tok, _default_data_dir())
     wids = wiki_valid_ids(tok, _default_data_dir())
@@ -113,7 +120,6 @@ def main(argv=None) -> int:
 
         opts["on_step"] = on_step
     if args.saved:
-        model, _, meta = come_fast.load(args.saved)
         secs, prov, steps = 0.0, (meta or {}).get("provenance"), None
     elif args.method != "dense":
         res = come_fast.compress(model, ratio=args.ratio, method=args.method, calib=str(CALIB), tokenizer=tok,
