@@ -38,7 +38,7 @@ LS_METHODS = ("magnitude+", "shortgpt", "replaceme", "reverse", "reverse-recover
 ALL_METHODS = ("magnitude+", "shortgpt", "replaceme", "reverse", "reverse-recover", "taylor+", "laco", "slm",
                "streamline", "ppl", "come-legacy", "come-p", "come-faithful", "sleb", "finercut",
                *(m + "+ls" for m in LS_METHODS),
-               "come-legacy+fold", "come-legacy+ls", "come-legacy+search", "come-score", "come+keep6", "come")
+               "come-legacy+fold", "come-legacy+ls", "come-legacy+search", "come-score", "come+keep6", "come+keep4", "come")
 # Named variants: a registered method with fixed options. "<method>+distill" (the
 # method, then 100 steps of hierarchical distillation from the original along the
 # provenance) is not in "all": post-training is not part of the no-training
@@ -51,6 +51,8 @@ VARIANTS = {"come-faithful": ("come", {"faithful": True}), "reverse-recover": ("
             # the default with the top fifth of SmolLM2's layers never merged (the deletion methods that lead
             # on the zero-shot tasks keep the top layers whole)
             "come+keep6": ("come", {"keep_last": 6}),
+            # the same with only the top 4 protected: the 20% default's merge of 24-25 allowed, 26-27 not
+            "come+keep4": ("come", {"keep_last": 4}),
             # CoMe's levers one at a time on top of the legacy rules (README: the ablation)
             "come-legacy+fold": ("come", {**LEGACY, "norms": "fold"}),
             "come-legacy+ls": ("come", {**LEGACY, "compensate": "ls"}),

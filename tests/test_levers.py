@@ -474,6 +474,10 @@ def test_keep_last_leaves_the_top_layers_alone(family):
     kept = come_fast.compress(copy.deepcopy(dense), target_layers=3, calib=ids, keep_last=2)
     assert kept.provenance[1:] == [4, 5] and sorted(_leaves_of(kept.provenance[:1])) == [0, 1, 2, 3]
     assert kept.settings["keep_last"] == 2
+    # a share of the depth: 0.3 of 6 layers rounds to the same 2 (half up: 0.25 of 6 is 1.5, so 2 too)
+    for share in (0.3, 0.25):
+        by_share = come_fast.compress(copy.deepcopy(dense), target_layers=3, calib=ids, keep_last=share)
+        assert by_share.provenance == kept.provenance and by_share.settings["keep_last"] == 2
     layers, orig = adapter_for(kept.model).layers, adapter_for(dense).layers
     for i in (1, 2):
         got, want = layers[i].state_dict(), orig[i + 3].state_dict()
@@ -494,7 +498,7 @@ def test_lever_options_checked():
         come_fast.compress(tiny_model("llama"), target_layers=5, calib=ids, faithful=True, compensate="ls")
     for bad in ({"norms": "avg"}, {"split": "grid"}, {"split_grid": []}, {"split_grid": [0.5, 2]},
                 {"pair_select": "loss"}, {"pair_candidates": 0}, {"search_refit": "yes"}, {"beam": 0},
-                {"keep_last": -1}, {"keep_last": 1.5}, {"keep_last": 5}):
+                {"keep_last": -1}, {"keep_last": 1.5}, {"keep_last": 1.0}, {"keep_last": 5}, {"keep_last": 0.75}):
         model = tiny_model("llama")
         before = {k: v.clone() for k, v in model.state_dict().items()}
         with pytest.raises(ValueError, match=next(iter(bad))):
