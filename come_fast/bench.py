@@ -30,7 +30,8 @@ from typing import Optional
 
 # CoMe's default mode with every lever off: the release's rules with only the GQA grouping
 # fixed (come_fast's default before the levers; its cells were "come")
-LEGACY = {"norms": "mean", "split": "bi", "pair_select": "distance", "allow_repeat": False, "compensate": None}
+LEGACY = {"norms": "mean", "split": "bi", "pair_select": "distance", "allow_repeat": False, "compensate": None,
+          "keep_last": 0}
 # Whole-layer methods: each also runs with the closed-form compensation ("<method>+ls")
 LS_METHODS = ("magnitude+", "shortgpt", "replaceme", "reverse", "reverse-recover", "taylor+", "laco", "slm",
               "streamline", "ppl", "come-p", "sleb")
@@ -38,7 +39,7 @@ LS_METHODS = ("magnitude+", "shortgpt", "replaceme", "reverse", "reverse-recover
 ALL_METHODS = ("magnitude+", "shortgpt", "replaceme", "reverse", "reverse-recover", "taylor+", "laco", "slm",
                "streamline", "ppl", "come-legacy", "come-p", "come-faithful", "sleb", "finercut",
                *(m + "+ls" for m in LS_METHODS),
-               "come-legacy+fold", "come-legacy+ls", "come-legacy+search", "come-score", "come+keep6", "come+keep4", "come")
+               "come-legacy+fold", "come-legacy+ls", "come-legacy+search", "come-score", "come+keep0", "come+keep6", "come")
 # Named variants: a registered method with fixed options. "<method>+distill" (the
 # method, then 100 steps of hierarchical distillation from the original along the
 # provenance) is not in "all": post-training is not part of the no-training
@@ -47,12 +48,12 @@ ALL_METHODS = ("magnitude+", "shortgpt", "replaceme", "reverse", "reverse-recove
 VARIANTS = {"come-faithful": ("come", {"faithful": True}), "reverse-recover": ("reverse", {"recover": True}),
             "come-legacy": ("come", LEGACY),
             # the default before the MLP channels were chosen by the refit (its cells were "come" until 2026-12-01)
-            "come-score": ("come", {"mlp_select": "score"}),
-            # the default with the top fifth of SmolLM2's layers never merged (the deletion methods that lead
-            # on the zero-shot tasks keep the top layers whole)
+            "come-score": ("come", {"mlp_select": "score", "keep_last": 0}),
+            # the default before the top eighth of the layers was kept out of the merges (its cells were
+            # "come" until 2026-12-01, evening)
+            "come+keep0": ("come", {"keep_last": 0}),
+            # the default with the top fifth of SmolLM2's layers never merged
             "come+keep6": ("come", {"keep_last": 6}),
-            # the same with only the top 4 protected: the 20% default's merge of 24-25 allowed, 26-27 not
-            "come+keep4": ("come", {"keep_last": 4}),
             # CoMe's levers one at a time on top of the legacy rules (README: the ablation)
             "come-legacy+fold": ("come", {**LEGACY, "norms": "fold"}),
             "come-legacy+ls": ("come", {**LEGACY, "compensate": "ls"}),
@@ -625,8 +626,8 @@ PPL_CEILING = 1e4
 # a variant "<method><suffix>" is drawn in its method's colour and marker, with its own line style
 VARIANT_STYLES = {"+ls": "--", "+distill": ":", "+fold": "-.", "+search": (0, (3, 1, 1, 1, 1, 1))}
 # the plot the README shows: CoMe, its ablations and the strongest baselines, each with and without compensation
-FOCUS = ("come", "come-score", "come-legacy", "come-legacy+fold", "come-legacy+ls", "come-legacy+search", "shortgpt",
-         "shortgpt+ls", "sleb", "sleb+ls", "replaceme", "replaceme+ls")
+FOCUS = ("come", "come+keep0", "come-score", "come-legacy", "come-legacy+fold", "come-legacy+ls", "come-legacy+search",
+         "shortgpt", "shortgpt+ls", "sleb", "sleb+ls", "replaceme", "replaceme+ls")
 
 
 def _variant_of(m: str, methods: list[str]) -> Optional[tuple[str, str]]:

@@ -374,7 +374,8 @@ def test_search_step_by_hand():
     ids = tokens(n=8, T=16)
     bi = _bi_by_hand(teacher, ids)
     low = min(range(len(bi)), key=lambda j: (bi[j], j))
-    res = come_fast.compress(model, target_layers=5, calib=ids, compensate=None)
+    # keep_last=0: every pair may merge (the default keeps this 6-layer model's top layer out of the merges)
+    res = come_fast.compress(model, target_layers=5, calib=ids, compensate=None, keep_last=0)
     st = res.report[0]
     assert st["bi_sum"] == pytest.approx(bi, rel=1e-5)
     assert {c["pair"] for c in st["candidates"]} == {p for p in (low - 1, low) if 0 <= p < 5}
@@ -468,9 +469,16 @@ def test_keep_last_leaves_the_top_layers_alone(family):
     import come_fast
 
     ids = tokens(n=8, T=32)
-    free = come_fast.compress(tiny_model(family), target_layers=3, calib=ids)
+    free = come_fast.compress(tiny_model(family), target_layers=3, calib=ids, keep_last=0)
     assert any(isinstance(p, list) and {4, 5} & set(_leaves_of([p])) for p in free.provenance)
     dense = tiny_model(family)
+    # the default, the top eighth (here 1 of 6 layers), gives way where the removals need the room
+    default = come_fast.compress(copy.deepcopy(dense), target_layers=3, calib=ids)
+    assert default.settings["keep_last"] == 1 and default.provenance[-1] == 5
+    deep = come_fast.compress(copy.deepcopy(dense), target_layers=1, calib=ids)
+    assert deep.settings["keep_last"] == 0 and len(deep.provenance) == 1
+    with pytest.raises(ValueError, match="keep_last=1 leaves 5 of 6 layers to merge, room for 4 removals; 5 asked"):
+        come_fast.compress(copy.deepcopy(dense), target_layers=1, calib=ids, keep_last=1)
     kept = come_fast.compress(copy.deepcopy(dense), target_layers=3, calib=ids, keep_last=2)
     assert kept.provenance[1:] == [4, 5] and sorted(_leaves_of(kept.provenance[:1])) == [0, 1, 2, 3]
     assert kept.settings["keep_last"] == 2
