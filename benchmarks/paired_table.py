@@ -11,7 +11,8 @@ method's three-task mean and its difference from CoMe's (come_fast.eval.paired_d
 error, the unpaired one beside it, a two-sided p). The dev-slice column also checks that the models are the
 README table's: each model's dev-slice mean equals its cell in --dev (results/cells) to the question.
 
-    python benchmarks/paired_table.py [--cells results/paired/cells [MORE ...]] [--dev results/cells] [--against come]
+    python benchmarks/paired_table.py [--cells results/paired/cells results/keep4/q800/cells ...] [--dev results/cells]
+        [--against come]
 """
 import argparse
 import json
@@ -100,7 +101,9 @@ def table(cells: dict, against: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cells", nargs="+", default=["results/paired/cells"], help="one or more folders of cells")
+    # the default's cells since keep_last (results/keep4) beside the contenders' (results/paired)
+    ap.add_argument("--cells", nargs="+", default=["results/paired/cells", "results/keep4/q800/cells",
+                                                   "results/keep6/cells"], help="one or more folders of cells")
     ap.add_argument("--dev", default="results/cells")
     ap.add_argument("--against", default="come")
     a = ap.parse_args()

@@ -1,9 +1,12 @@
-"""Compression time of CoMe's default (mlp_select="final") against every lever off, SmolLM2-135M to 30%,
+"""Compression time of CoMe's default (the default of the code it runs: mlp_select="final" when written) against every lever off, SmolLM2-135M to 30%,
 the reference calibration, 2 threads, one run after the other in one process on an otherwise idle machine
 (the protocol of benchmarks/bench_levers.py, which times the same two calls); the default's model is saved
 for benchmarks/generate_samples.py.
 
-    python results/dev10/time_levers.py OUT_MODEL_DIR
+    python results/dev10/time_levers.py OUT_MODEL_DIR [OUT_JSON]
+
+(OUT_JSON defaults to time_levers.json beside this file; results/keep4/time_levers.json is the run of the
+default with keep_last, 2026-12-01 evening.)
 """
 import json
 import resource
@@ -32,8 +35,10 @@ for mode in ("legacy", "default"):
     out[mode] = {"wall_s": wall, "process_cpu_s": (c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime),
                  "step_seconds": [round(st["seconds"], 2) for st in steps],
                  "final_refit_s": round(comp[0]["seconds"], 2) if comp else 0.0,
-                 "mlp_select": res.settings.get("mlp_select"), "provenance": res.provenance}
+                 "mlp_select": res.settings.get("mlp_select"),
+                 "keep_last": res.settings.get("keep_last"), "provenance": res.provenance}
     print(mode, json.dumps(out[mode]), flush=True)
     if mode == "default":
         come_fast.save(res, sys.argv[1], overwrite=True)
-Path(__file__).with_name("time_levers.json").write_text(json.dumps(out, indent=1))
+Path(sys.argv[2] if len(sys.argv) > 2 else Path(__file__).with_name("time_levers.json")).write_text(
+    json.dumps(out, indent=1))
