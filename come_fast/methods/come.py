@@ -69,7 +69,7 @@ from ..channel_ls import select_mlp
 from ..compensate import leaves
 from ..merge import Selection, concat_merge, merge_provenance, query_heads, replace_pair
 from ..scoring import allocate, channel_scores, split_ratio, top_units
-from . import Context, Outcome, Validator, boolean, number, one_of, positive_int, register
+from . import Context, Outcome, Validator, boolean, non_negative_int, number, one_of, positive_int, register
 
 
 class NoMergeablePairError(ValueError):
@@ -407,8 +407,8 @@ def _come(ctx: Context, n_remove: int, method: str) -> Outcome:
 _SPLIT = number(0, 1)
 SPLIT_GRID = Validator(lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(_SPLIT(x) for x in v),
                        "a non-empty list of splits in [0, 1]")
-KEEP_LAST = Validator(lambda v: (isinstance(v, int) and not isinstance(v, bool) and v >= 0)
-                      or (isinstance(v, float) and 0 < v < 1),
+_SHARE = number(0, 1, lo_open=True, hi_open=True)
+KEEP_LAST = Validator(lambda v: non_negative_int(v) or _SHARE(v),
                       "a number of layers (an integer >= 0) or a share of the depth in (0, 1)")
 _COMMON = {"last_boundary": one_of("final_norm", "raw"), "pair_tokens": one_of("last", "all"),
            "norms": one_of("mean", "fold"), "pair_select": one_of("distance", "bi"),

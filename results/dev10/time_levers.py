@@ -1,7 +1,7 @@
-"""Compression time of CoMe's default (the default of the code it runs: mlp_select="final" when written) against every lever off, SmolLM2-135M to 30%,
-the reference calibration, 2 threads, one run after the other in one process on an otherwise idle machine
-(the protocol of benchmarks/bench_levers.py, which times the same two calls); the default's model is saved
-for benchmarks/generate_samples.py.
+"""Compression time of CoMe's default (of the code it runs; mlp_select="final" when written) against every
+lever off, SmolLM2-135M to 30%, the reference calibration, 2 threads, one run after the other in one process
+on an otherwise idle machine (the protocol of benchmarks/bench_levers.py, which times the same two calls);
+the default's model is saved for benchmarks/generate_samples.py.
 
     python results/dev10/time_levers.py OUT_MODEL_DIR [OUT_JSON]
 
