@@ -55,11 +55,11 @@ def plot(folder: Path) -> int:
         d = json.loads(f.read_text())
         xs = [c["tokens"] / 1000 for c in d["curve"]]
         ys = [math.exp(c["val_lm_loss"]) for c in d["curve"]]
-        ax.plot(xs, ys, marker="o", ms=3, label=f"{Path(d['student']).name} + {d['loss']} "
-                                                 f"(WikiText-2 {d['ppl']:.1f})")
+        ax.plot(xs, ys, marker="o", ms=3, label=f"{d.get('label') or Path(d['student']).name} + {d['loss']} "
+                                                 f"(lr {d['lr']:g}; WikiText-2 {d['ppl']:.1f})")
     ax.set_xlabel("training tokens seen (thousands)")
     ax.set_ylabel("held-out C4 perplexity (8 rows x 256)")
-    ax.set_title("SmolLM2-135M at 30%: distillation vs fine-tuning, same rows")
+    ax.set_title("SmolLM2-135M at 30%: held-out perplexity while training")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -73,6 +73,7 @@ def plot(folder: Path) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--student", help="a compressed model folder (come_fast.save)")
+    ap.add_argument("--label", help="the student's name in the plot (default: its folder's name)")
     ap.add_argument("--loss", choices=sorted(LOSSES))
     ap.add_argument("--plot", metavar="DIR", help="only draw DIR/*.json's curves into DIR/curves.png")
     ap.add_argument("--steps", type=int, default=150)
@@ -118,7 +119,7 @@ def main(argv=None) -> int:
     del teacher
     tasks = ["wikitext2"] + [t for t in args.tasks.split(",") if t]
     ev = evaluate(student, stok or tok, tasks=tasks, data_dir=args.data_dir, limit=200, progress=False)
-    out = {"student": args.student, "loss": args.loss, "weights": LOSSES[args.loss], "steps": args.steps,
+    out = {"student": args.student, "label": args.label, "loss": args.loss, "weights": LOSSES[args.loss], "steps": args.steps,
            "batch": args.batch, "seq_len": args.seq_len, "lr": args.lr, "tokens": args.steps * per_step,
            "val_rows": args.val_rows, "train_seconds": train_s, "threads": args.threads,
            "objective_before": rep["loss_before"], "objective_after": rep["loss_after"], "curve": curve,
