@@ -119,9 +119,10 @@ def main(argv=None) -> int:
     del teacher
     tasks = ["wikitext2"] + [t for t in args.tasks.split(",") if t]
     ev = evaluate(student, stok or tok, tasks=tasks, data_dir=args.data_dir, limit=200, progress=False)
-    out = {"student": args.student, "label": args.label, "loss": args.loss, "weights": LOSSES[args.loss], "steps": args.steps,
-           "batch": args.batch, "seq_len": args.seq_len, "lr": args.lr, "tokens": args.steps * per_step,
-           "val_rows": args.val_rows, "train_seconds": train_s, "threads": args.threads,
+    out = {"student": args.student, "label": args.label, "loss": args.loss, "weights": LOSSES[args.loss],
+           "steps": args.steps, "batch": args.batch, "seq_len": args.seq_len, "lr": args.lr,
+           "tokens": args.steps * per_step, "val_rows": args.val_rows, "train_seconds": train_s,
+           "threads": args.threads,
            "objective_before": rep["loss_before"], "objective_after": rep["loss_after"], "curve": curve,
            "ppl": ev["tasks"]["wikitext2"]["ppl"],
            "tasks": {k: v for k, v in ev["tasks"].items() if k != "wikitext2"},

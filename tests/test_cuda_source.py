@@ -11,9 +11,8 @@ names (float, double, half, bfloat16; vectorised and scalar) and the CUDA
 registration of the op.
 
 nvcc is looked up in ``COME_FAST_NVCC`` (a path), then torch's CUDA_HOME,
-then PATH; the README's test section gives the pip command that puts one at
-``.cuda-toolkit/`` (used here when present). Skipped, with the reason, when
-none is found.
+then ``.cuda-toolkit/`` (where the README's test section's pip command puts
+one), then PATH. Skipped, with the reason, when none is found.
 """
 from __future__ import annotations
 
@@ -53,10 +52,6 @@ def include_dirs(tmp_path: Path) -> list[str]:
         shim.mkdir(parents=True)
         (shim / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
         dirs.append(str(tmp_path / "shim"))
-    # A pip-installed toolkit keeps libcu++ (nv/target) beside its own headers.
-    nvcc_include = Path(NVCC).resolve().parents[1] / "include"
-    if (nvcc_include / "cccl").is_dir():
-        dirs.append(str(nvcc_include / "cccl"))
     return dirs
 
 
