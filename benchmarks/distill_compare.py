@@ -6,10 +6,11 @@ the provenance) from the dense model on C4 documents 0-499 of
 trained on): ``--loss distill`` is the hierarchical distillation (MSE along the
 provenance + KL at the head, compress's default), ``--loss ce`` plain LM
 fine-tuning of the same model (next-token cross-entropy, no teacher),
-``--loss distill+ce`` both (``distill_ce=1`` beside the default terms). Same
+``--loss distill+ce`` both (``distill_ce=1`` beside the default terms),
+``--loss kl+ce`` the same without the layer targets (``distill_mse=0``). Same
 rows, steps, batch, learning rate and schedule. Every ``--eval-every`` steps
 the student's next-token loss on 8 held-apart rows is recorded (the same
-measure for both losses), then WikiText-2 perplexity (40 windows) and, with
+measure for every loss), then WikiText-2 perplexity (40 windows) and, with
 ``--tasks``, the dev slice of the tasks named.
 
     python benchmarks/distill_compare.py --student results/models/come@0.3 --loss distill \
@@ -35,7 +36,7 @@ from come_fast.posttrain import distill_rows, hierarchical_distill
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 LOSSES = {"distill": dict(mse=1.0, kl=1.0, ce=0.0), "ce": dict(mse=0.0, kl=0.0, ce=1.0),
-          "distill+ce": dict(mse=1.0, kl=1.0, ce=1.0)}
+          "distill+ce": dict(mse=1.0, kl=1.0, ce=1.0), "kl+ce": dict(mse=0.0, kl=1.0, ce=1.0)}
 
 
 def lm_loss(model, rows: torch.Tensor, batch: int = 2) -> float:
@@ -51,14 +52,22 @@ def plot(folder: Path) -> int:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    shapes, dense = set(), set()
     for f in sorted(folder.glob("*.json")):
         d = json.loads(f.read_text())
+        shapes.add(f"{d['val_rows']} rows x {d['seq_len']}")
+        if "teacher_val_lm_loss" in d:
+            dense.add(round(d["teacher_val_lm_loss"], 6))
         xs = [c["tokens"] / 1000 for c in d["curve"]]
         ys = [math.exp(c["val_lm_loss"]) for c in d["curve"]]
         ax.plot(xs, ys, marker="o", ms=3, label=f"{d.get('label') or Path(d['student']).name} + {d['loss']} "
                                                  f"(lr {d['lr']:g}; WikiText-2 {d['ppl']:.1f})")
+    for loss in sorted(dense):
+        ax.axhline(math.exp(loss), color="grey", ls="--", lw=1)
+        ax.annotate(f"dense model {math.exp(loss):.1f}", (0, math.exp(loss)), textcoords="offset points",
+                    xytext=(2, 3), fontsize=8, color="grey")
     ax.set_xlabel("training tokens seen (thousands)")
-    ax.set_ylabel("held-out C4 perplexity (8 rows x 256)")
+    ax.set_ylabel(f"held-out C4 perplexity ({', '.join(sorted(shapes))})")
     ax.set_title("SmolLM2-135M at 30%: held-out perplexity while training")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -84,6 +93,8 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--tasks", default="", help="comma-separated dev-slice tasks after training (e.g. piqa,hellaswag)")
     ap.add_argument("--data-dir", default=str(DATA))
+    ap.add_argument("--train-text", metavar="FILE",
+                    help="train (and hold rows apart) on this UTF-8 text file instead of C4 documents 0-499")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out")
     ap.add_argument("--save", metavar="DIR", help="also write the trained model there (come_fast's checkpoint form)")
@@ -97,11 +108,15 @@ def main(argv=None) -> int:
     teacher, tok = load_model("smollm2-135m")
     student, stok, meta = api.load(args.student)
     prov = meta["provenance"]
-    docs = [json.loads(line)["text"] for line in
-            (Path(args.data_dir) / "c4" / "train_sample.jsonl").read_text().splitlines()[:500]]
+    if args.train_text:
+        docs = [Path(args.train_text).read_text(encoding="utf-8")]
+    else:
+        docs = [json.loads(line)["text"] for line in
+                (Path(args.data_dir) / "c4" / "train_sample.jsonl").read_text().splitlines()[:500]]
     rows = distill_rows(docs, teacher, tok, rows=args.val_rows + args.steps * args.batch, seq_len=args.seq_len)
     val, train = rows[:args.val_rows], rows[args.val_rows:]
     per_step = args.batch * args.seq_len
+    teacher_val = lm_loss(teacher, val)  # the dense model's own held-out loss: where the curves can go
     curve = [{"step": 0, "tokens": 0, "val_lm_loss": lm_loss(student, val)}]
     print(f"step 0: held-out LM loss {curve[0]['val_lm_loss']:.4f}", flush=True)
 
@@ -120,10 +135,11 @@ def main(argv=None) -> int:
     tasks = ["wikitext2"] + [t for t in args.tasks.split(",") if t]
     ev = evaluate(student, stok or tok, tasks=tasks, data_dir=args.data_dir, limit=200, progress=False)
     out = {"student": args.student, "label": args.label, "loss": args.loss, "weights": LOSSES[args.loss],
+           "data": args.train_text or "c4/train_sample.jsonl documents 0-499",
            "steps": args.steps, "batch": args.batch, "seq_len": args.seq_len, "lr": args.lr,
            "tokens": args.steps * per_step, "val_rows": args.val_rows, "train_seconds": train_s,
            "threads": args.threads,
-           "objective_before": rep["loss_before"], "objective_after": rep["loss_after"], "curve": curve,
+           "teacher_val_lm_loss": teacher_val, "objective_before": rep["loss_before"], "objective_after": rep["loss_after"], "curve": curve,
            "ppl": ev["tasks"]["wikitext2"]["ppl"],
            "tasks": {k: v for k, v in ev["tasks"].items() if k != "wikitext2"},
            "total_seconds": time.perf_counter() - t0}
