@@ -52,10 +52,11 @@ def plot(folder: Path) -> int:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    shapes, dense = set(), set()
+    shapes, dense, sources = set(), set(), set()
     for f in sorted(folder.glob("*.json")):
         d = json.loads(f.read_text())
         shapes.add(f"{d['val_rows']} rows x {d['seq_len']}")
+        sources.add("C4" if "c4" in d.get("data", "c4") else Path(d["data"]).name)
         if "teacher_val_lm_loss" in d:
             dense.add(round(d["teacher_val_lm_loss"], 6))
         xs = [c["tokens"] / 1000 for c in d["curve"]]
@@ -67,7 +68,7 @@ def plot(folder: Path) -> int:
         ax.annotate(f"dense model {math.exp(loss):.1f}", (0, math.exp(loss)), textcoords="offset points",
                     xytext=(2, 3), fontsize=8, color="grey")
     ax.set_xlabel("training tokens seen (thousands)")
-    ax.set_ylabel(f"held-out C4 perplexity ({', '.join(sorted(shapes))})")
+    ax.set_ylabel(f"held-out {' / '.join(sorted(sources))} perplexity ({', '.join(sorted(shapes))})", fontsize=9)
     ax.set_title("SmolLM2-135M at 30%: held-out perplexity while training")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
