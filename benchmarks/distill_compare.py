@@ -35,6 +35,7 @@ from come_fast.models import load_model
 from come_fast.posttrain import distill_rows, hierarchical_distill
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+C4_ROWS = "c4/train_sample.jsonl documents 0-499"  # the default training text, as the JSON records it
 LOSSES = {"distill": dict(mse=1.0, kl=1.0, ce=0.0), "ce": dict(mse=0.0, kl=0.0, ce=1.0),
           "distill+ce": dict(mse=1.0, kl=1.0, ce=1.0), "kl+ce": dict(mse=0.0, kl=1.0, ce=1.0)}
 
@@ -55,8 +56,10 @@ def plot(folder: Path) -> int:
     shapes, dense, sources = set(), set(), set()
     for f in sorted(folder.glob("*.json")):
         d = json.loads(f.read_text())
+        if "curve" not in d:  # another benchmark's output in the same folder (position_ppl.json)
+            continue
         shapes.add(f"{d['val_rows']} rows x {d['seq_len']}")
-        sources.add("C4" if "c4" in d.get("data", "c4") else Path(d["data"]).name)
+        sources.add("C4" if d.get("data", C4_ROWS) == C4_ROWS else Path(d["data"]).name)  # older runs: C4
         if "teacher_val_lm_loss" in d:
             dense.add(round(d["teacher_val_lm_loss"], 6))
         xs = [c["tokens"] / 1000 for c in d["curve"]]
@@ -136,11 +139,11 @@ def main(argv=None) -> int:
     tasks = ["wikitext2"] + [t for t in args.tasks.split(",") if t]
     ev = evaluate(student, stok or tok, tasks=tasks, data_dir=args.data_dir, limit=200, progress=False)
     out = {"student": args.student, "label": args.label, "loss": args.loss, "weights": LOSSES[args.loss],
-           "data": args.train_text or "c4/train_sample.jsonl documents 0-499",
+           "data": args.train_text or C4_ROWS,
            "steps": args.steps, "batch": args.batch, "seq_len": args.seq_len, "lr": args.lr,
            "tokens": args.steps * per_step, "val_rows": args.val_rows, "train_seconds": train_s,
-           "threads": args.threads,
-           "teacher_val_lm_loss": teacher_val, "objective_before": rep["loss_before"], "objective_after": rep["loss_after"], "curve": curve,
+           "threads": args.threads, "teacher_val_lm_loss": teacher_val,
+           "objective_before": rep["loss_before"], "objective_after": rep["loss_after"], "curve": curve,
            "ppl": ev["tasks"]["wikitext2"]["ppl"],
            "tasks": {k: v for k, v in ev["tasks"].items() if k != "wikitext2"},
            "total_seconds": time.perf_counter() - t0}

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import come_fast
-from come_fast.eval.perplexity import read_wikitext2_test, token_ids
+from come_fast.eval.perplexity import read_wikitext2_test, token_ids, window_starts
 from come_fast.models import load_model
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -54,9 +54,10 @@ def main(argv=None) -> int:
     dense, tok = load_model("smollm2-135m")
     ids = torch.as_tensor(token_ids(tok, read_wikitext2_test(args.data_dir)))
     T, W = args.seq_len, args.windows
-    if ids.numel() < T * W:
-        ap.error(f"the test text has {ids.numel()} tokens, fewer than {W} windows of {T}")
-    x = ids[:T * W].view(W, T)
+    try:
+        x = torch.stack([ids[s:s + T] for s in window_starts(ids.numel(), T, W)])  # the evaluation's windows
+    except ValueError as e:
+        ap.error(str(e))
     edges = [round(k * T / args.parts) for k in range(args.parts + 1)]
     rows = {}
     for name in args.models:
