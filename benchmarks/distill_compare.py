@@ -7,7 +7,10 @@ trained on): ``--loss distill`` is the hierarchical distillation (MSE along the
 provenance + KL at the head, compress's default), ``--loss ce`` plain LM
 fine-tuning of the same model (next-token cross-entropy, no teacher),
 ``--loss distill+ce`` both (``distill_ce=1`` beside the default terms),
-``--loss kl+ce`` the same without the layer targets (``distill_mse=0``). Same
+``--loss kl+ce`` the same without the layer targets (``distill_mse=0``),
+``--loss kl`` the teacher's output distribution alone (no layer targets, no
+cross-entropy); ``--layers changed`` trains only the student layers the
+compression changed (merged or compensated), the others stay the teacher's. Same
 rows, steps, batch, learning rate and schedule. Every ``--eval-every`` steps
 the student's next-token loss on 8 held-apart rows is recorded (the same
 measure for every loss), then WikiText-2 perplexity (40 windows) and, with
@@ -37,7 +40,8 @@ from come_fast.posttrain import distill_rows, hierarchical_distill
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 C4_ROWS = "c4/train_sample.jsonl documents 0-499"  # the default training text, as the JSON records it
 LOSSES = {"distill": dict(mse=1.0, kl=1.0, ce=0.0), "ce": dict(mse=0.0, kl=0.0, ce=1.0),
-          "distill+ce": dict(mse=1.0, kl=1.0, ce=1.0), "kl+ce": dict(mse=0.0, kl=1.0, ce=1.0)}
+          "distill+ce": dict(mse=1.0, kl=1.0, ce=1.0), "kl+ce": dict(mse=0.0, kl=1.0, ce=1.0),
+          "kl": dict(mse=0.0, kl=1.0, ce=0.0)}
 
 
 def lm_loss(model, rows: torch.Tensor, batch: int = 2) -> float:
@@ -64,7 +68,8 @@ def plot(folder: Path) -> int:
             dense.add(round(d["teacher_val_lm_loss"], 6))
         xs = [c["tokens"] / 1000 for c in d["curve"]]
         ys = [math.exp(c["val_lm_loss"]) for c in d["curve"]]
-        ax.plot(xs, ys, marker="o", ms=3, label=f"{d.get('label') or Path(d['student']).name} + {d['loss']} "
+        only = "" if d.get("layers", "all") == "all" else f", {d['layers']} layers only"
+        ax.plot(xs, ys, marker="o", ms=3, label=f"{d.get('label') or Path(d['student']).name} + {d['loss']}{only} "
                                                  f"(lr {d['lr']:g}; WikiText-2 {d['ppl']:.1f})")
     for loss in sorted(dense):
         ax.axhline(math.exp(loss), color="grey", ls="--", lw=1)
@@ -99,6 +104,8 @@ def main(argv=None) -> int:
     ap.add_argument("--data-dir", default=str(DATA))
     ap.add_argument("--train-text", metavar="FILE",
                     help="train (and hold rows apart) on this UTF-8 text file instead of C4 documents 0-499")
+    ap.add_argument("--layers", choices=("all", "changed"), default="all",
+                    help="train every decoder layer, or only those the compression changed (merged or compensated)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out")
     ap.add_argument("--save", metavar="DIR", help="also write the trained model there (come_fast's checkpoint form)")
@@ -133,13 +140,14 @@ def main(argv=None) -> int:
 
     t1 = time.perf_counter()
     rep = hierarchical_distill(adapter_for(student), adapter_for(teacher), train, prov, steps=args.steps, lr=args.lr,
-                               batch_size=args.batch, val_tokens=val, progress=monitor, **LOSSES[args.loss])
+                               batch_size=args.batch, val_tokens=val, progress=monitor, layers=args.layers, **LOSSES[args.loss])
     train_s = time.perf_counter() - t1
     del teacher
     tasks = ["wikitext2"] + [t for t in args.tasks.split(",") if t]
     ev = evaluate(student, stok or tok, tasks=tasks, data_dir=args.data_dir, limit=200, progress=False)
     out = {"student": args.student, "label": args.label, "loss": args.loss, "weights": LOSSES[args.loss],
            "data": args.train_text or C4_ROWS,
+           "layers": args.layers, "trained_layers": rep["settings"]["trained_layers"],
            "steps": args.steps, "batch": args.batch, "seq_len": args.seq_len, "lr": args.lr,
            "tokens": args.steps * per_step, "val_rows": args.val_rows, "train_seconds": train_s,
            "threads": args.threads, "teacher_val_lm_loss": teacher_val,

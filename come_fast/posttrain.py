@@ -468,10 +468,11 @@ def joint_steps_of(schedule: str, steps: int, joint_steps: Optional[int]) -> int
 
 
 def run_settings(*, schedule, group, steps, joint_steps, lr, mse, kl, batch, seed, eval_every, patience, ce=0.0,
-                 train: torch.Tensor, val: Optional[torch.Tensor], teacher_layers: int) -> dict:
+                 train: torch.Tensor, val: Optional[torch.Tensor], teacher_layers: int, layers: str = "all") -> dict:
     """What makes two distillation runs the same run, less the provenance and the starting weights."""
     layerwise = schedule == "layerwise"
-    return {"schedule": schedule, "group": group if layerwise else None, "steps": steps,
+    only = {"layers": layers} if layers != "all" else {}  # earlier runs' keys stay as they were
+    return {**only, "schedule": schedule, "group": group if layerwise else None, "steps": steps,
             "joint_steps": joint_steps_of(schedule, steps, joint_steps) if layerwise else None,
             "lr": float(lr), "mse": float(mse), "kl": float(kl), "ce": float(ce), "batch": batch, "seed": seed,
             "eval_every": eval_every or None, "patience": patience,
@@ -490,11 +491,15 @@ def hierarchical_distill(student: Adapter, teacher: Adapter, tokens: torch.Tenso
                          eval_every: int = 0, patience: Optional[int] = None, schedule: str = "joint",
                          group: int = 1, joint_steps: Optional[int] = None, resume=None,
                          save_every: int = DEFAULT_SAVE_EVERY, grad_checkpoint: bool = False,
-                         cache_bytes: Optional[int] = None, token_budget: Optional[int] = None) -> dict:
+                         cache_bytes: Optional[int] = None, token_budget: Optional[int] = None,
+                         layers: str = "all") -> dict:
     """Train the student's decoder layers in place on the rows ``tokens`` [n, T];
     returns a report: the loss before and after (on ``val_tokens`` when given,
     else on the training rows), the validation losses, the tokens seen, seconds,
-    settings. See the module docstring for the schedules and options."""
+    settings. See the module docstring for the schedules and options.
+    ``layers``: "all" trains every decoder layer; "changed" only those that are
+    not the teacher's own layer alone in its span (merged or compensated ones),
+    the others stay as the teacher has them."""
     t0 = time.perf_counter()
     if len(provenance) != len(student.layers):
         raise ValueError(f"provenance has {len(provenance)} entries for {len(student.layers)} student layers")
@@ -502,6 +507,8 @@ def hierarchical_distill(student: Adapter, teacher: Adapter, tokens: torch.Tenso
         raise ValueError(f"distill_steps must be at least 1, got {steps}")
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if layers not in ("all", "changed"):
+        raise ValueError(f"layers must be 'all' or 'changed', got {layers!r}")
     if (eval_every or patience) and (val_tokens is None or val_tokens.shape[0] == 0):
         raise ValueError("eval_every and patience need validation rows (val_tokens)")
     val = val_tokens if val_tokens is not None and val_tokens.shape[0] else None
@@ -511,13 +518,17 @@ def hierarchical_distill(student: Adapter, teacher: Adapter, tokens: torch.Tenso
     scale_rows = val if val is not None else tokens[:SCALE_ROWS]
     joint = _Joint(student, teacher, provenance, mse, kl, grad_checkpoint, scale_rows, batch_size, ce=ce)
     model = student.model
-    named = {f"layers.{k}.{nm}": p for k, layer in enumerate(student.layers) for nm, p in layer.named_parameters()}
-    own = teachers_own_layers(student, teacher, provenance) if schedule == "layerwise" else set()
+    own = teachers_own_layers(student, teacher, provenance) if schedule == "layerwise" or layers == "changed" else set()
+    frozen = own if layers == "changed" else set()
+    named = {f"layers.{k}.{nm}": p for k, layer in enumerate(student.layers) if k not in frozen
+             for nm, p in layer.named_parameters()}
+    if not named:
+        raise ValueError("layers='changed': every student layer is the teacher's own, nothing to train")
     ck = None
     if resume is not None:
         settings = run_settings(schedule=schedule, group=group, steps=steps, joint_steps=joint_steps, lr=lr, mse=mse,
                                 kl=kl, ce=ce, batch=batch_size, seed=seed, eval_every=eval_every, patience=patience,
-                                train=tokens, val=val, teacher_layers=len(teacher.layers))
+                                train=tokens, val=val, teacher_layers=len(teacher.layers), layers=layers)
         ck = RunCheckpoint(resume, run_key(settings, provenance, student), named, every=save_every)
         resumed = ck.load()  # another run's folder raises here: nothing trained, nothing written
     else:
@@ -576,6 +587,7 @@ def hierarchical_distill(student: Adapter, teacher: Adapter, tokens: torch.Tenso
             "joint_steps": jsteps, "layers": phases, "resumed": resumed,
             "checkpoints_written": ck.saves if ck is not None else 0, "peak_memory_bytes": peak,
             "settings": {"lr": lr, "batch_size": batch_size, "seed": seed, "weights": {"mse": mse, "kl": kl},
+                         "layers": layers, "trained_layers": sorted({int(k.split(".")[1]) for k in named}),
                          "rows": n, "seq_len": T, "grad_checkpoint": grad_checkpoint, "eval_every": eval_every,
                          "patience": patience}}
 

@@ -230,6 +230,27 @@ def test_plain_fine_tuning_is_the_models_own_lm_loss_and_runs_no_teacher(teacher
     assert rep2["loss_before"] == pytest.approx(before + kl, rel=1e-5)
 
 
+def test_training_only_the_changed_layers_leaves_the_teachers_own_layers_as_they_are(teacher, merged):
+    student, prov = merged
+    own = [k for k, p in enumerate(prov) if isinstance(p, int)]  # kept whole, no compensation in the fixture
+    changed = [k for k in range(len(prov)) if k not in own]
+    assert own and changed, prov  # the fixture must have both kinds for this test to say anything
+    train = tokens(n=6, T=16, seed=6)
+    for layers, trained in (("changed", changed), ("all", list(range(len(prov))))):
+        s = copy.deepcopy(student)
+        rep = hierarchical_distill(adapter_for(s), adapter_for(teacher), train, prov, steps=4, lr=1e-3,
+                                   batch_size=2, mse=0.0, kl=1.0, ce=1.0, layers=layers)
+        assert rep["settings"]["trained_layers"] == trained
+        for k, (a, b) in enumerate(zip(adapter_for(s).layers, adapter_for(student).layers)):
+            same = all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+            assert same == (k not in trained), (layers, k)
+        assert rep["loss_after"] < rep["loss_before"]  # on the training rows
+        assert all(p.requires_grad for p in s.parameters()) == all(p.requires_grad for p in student.parameters())
+    with pytest.raises(ValueError, match="layers must be"):
+        hierarchical_distill(adapter_for(copy.deepcopy(student)), adapter_for(teacher), train, prov, steps=1,
+                             layers="merged")
+
+
 def test_early_stopping_stops_after_patience_evaluations_without_a_new_best():
     p = torch.nn.Parameter(torch.zeros(3))
     target = torch.tensor([1.0, 2.0, 3.0])
