@@ -140,7 +140,8 @@ def main(argv=None) -> int:
 
     t1 = time.perf_counter()
     rep = hierarchical_distill(adapter_for(student), adapter_for(teacher), train, prov, steps=args.steps, lr=args.lr,
-                               batch_size=args.batch, val_tokens=val, progress=monitor, layers=args.layers, **LOSSES[args.loss])
+                               batch_size=args.batch, val_tokens=val, progress=monitor, layers=args.layers,
+                               **LOSSES[args.loss])
     train_s = time.perf_counter() - t1
     del teacher
     tasks = ["wikitext2"] + [t for t in args.tasks.split(",") if t]
