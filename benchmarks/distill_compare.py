@@ -10,8 +10,11 @@ fine-tuning of the same model (next-token cross-entropy, no teacher),
 ``--loss kl+ce`` the same without the layer targets (``distill_mse=0``),
 ``--loss kl`` the teacher's output distribution alone (no layer targets, no
 cross-entropy); ``--layers changed`` trains only the student layers the
-compression changed (merged or compensated), the others stay the teacher's. Same
-rows, steps, batch, learning rate and schedule. Every ``--eval-every`` steps
+compression changed (merged or compensated), the others stay the teacher's;
+``--schedule layerwise --layer-steps S`` first trains each changed layer alone
+(S steps of MSE to the teacher's state at the end of its span, on the same
+rows), then runs ``--steps`` joint steps of the loss named. Same rows, steps,
+batch, learning rate and schedule. Every ``--eval-every`` steps
 the student's next-token loss on 8 held-apart rows is recorded (the same
 measure for every loss), then WikiText-2 perplexity (40 windows) and, with
 ``--tasks``, the dev slice of the tasks named.
@@ -69,6 +72,8 @@ def plot(folder: Path) -> int:
         xs = [c["tokens"] / 1000 for c in d["curve"]]
         ys = [math.exp(c["val_lm_loss"]) for c in d["curve"]]
         only = "" if d.get("layers", "all") == "all" else f", {d['layers']} layers only"
+        if d.get("schedule") == "layerwise":
+            only += f", after {d['layer_steps']} layer-wise steps per layer"
         ax.plot(xs, ys, marker="o", ms=3, label=f"{d.get('label') or Path(d['student']).name} + {d['loss']}{only} "
                                                  f"(lr {d['lr']:g}; WikiText-2 {d['ppl']:.1f})")
     for loss in sorted(dense):
@@ -106,6 +111,9 @@ def main(argv=None) -> int:
                     help="train (and hold rows apart) on this UTF-8 text file instead of C4 documents 0-499")
     ap.add_argument("--layers", choices=("all", "changed"), default="all",
                     help="train every decoder layer, or only those the compression changed (merged or compensated)")
+    ap.add_argument("--schedule", choices=("joint", "layerwise"), default="joint",
+                    help="layerwise: --layer-steps steps per changed layer alone (MSE) before the --steps joint ones")
+    ap.add_argument("--layer-steps", type=int, default=0, help="the layerwise schedule's steps per layer")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out")
     ap.add_argument("--save", metavar="DIR", help="also write the trained model there (come_fast's checkpoint form)")
@@ -114,6 +122,8 @@ def main(argv=None) -> int:
         return plot(Path(args.plot))
     if not (args.student and args.loss and args.out):
         ap.error("--student, --loss and --out are needed (or --plot DIR)")
+    if (args.schedule == "layerwise") != (args.layer_steps > 0):
+        ap.error("--schedule layerwise needs --layer-steps S > 0, and --layer-steps only goes with it")
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     teacher, tok = load_model("smollm2-135m")
@@ -131,7 +141,18 @@ def main(argv=None) -> int:
     curve = [{"step": 0, "tokens": 0, "val_lm_loss": lm_loss(student, val)}]
     print(f"step 0: held-out LM loss {curve[0]['val_lm_loss']:.4f}", flush=True)
 
+    layer_curve, joint_start = [], []
+
     def monitor(label, done, total):  # called after every step: the same measure for both losses
+        if label.startswith("layer"):  # the layerwise phase: one point at the end of each layer's run
+            if done == total:
+                layer_curve.append({"phase": label, "val_lm_loss": lm_loss(student, val),
+                                    "seconds": time.perf_counter() - t1})
+                print(f"{label}: held-out LM loss {layer_curve[-1]['val_lm_loss']:.4f} "
+                      f"({layer_curve[-1]['seconds']:.0f} s)", flush=True)
+            return
+        if not joint_start:
+            joint_start.append(time.perf_counter() - t1)
         if done % args.eval_every == 0 or done == total:
             loss = lm_loss(student, val)
             curve.append({"step": done, "tokens": done * per_step, "val_lm_loss": loss,
@@ -139,9 +160,11 @@ def main(argv=None) -> int:
             print(f"step {done}/{total}: held-out LM loss {loss:.4f} ({time.perf_counter() - t1:.0f} s)", flush=True)
 
     t1 = time.perf_counter()
-    rep = hierarchical_distill(adapter_for(student), adapter_for(teacher), train, prov, steps=args.steps, lr=args.lr,
+    schedule = (dict(schedule="layerwise", steps=args.layer_steps, joint_steps=args.steps)
+                if args.schedule == "layerwise" else dict(steps=args.steps))
+    rep = hierarchical_distill(adapter_for(student), adapter_for(teacher), train, prov, lr=args.lr,
                                batch_size=args.batch, val_tokens=val, progress=monitor, layers=args.layers,
-                               **LOSSES[args.loss])
+                               **schedule, **LOSSES[args.loss])
     train_s = time.perf_counter() - t1
     del teacher
     tasks = ["wikitext2"] + [t for t in args.tasks.split(",") if t]
@@ -149,6 +172,9 @@ def main(argv=None) -> int:
     out = {"student": args.student, "label": args.label, "loss": args.loss, "weights": LOSSES[args.loss],
            "data": args.train_text or C4_ROWS,
            "layers": args.layers, "trained_layers": rep["settings"]["trained_layers"],
+           **({"schedule": "layerwise", "layer_steps": args.layer_steps, "layerwise_curve": layer_curve,
+               "layerwise_seconds": joint_start[0] if joint_start else None}
+              if args.schedule == "layerwise" else {}),
            "steps": args.steps, "batch": args.batch, "seq_len": args.seq_len, "lr": args.lr,
            "tokens": args.steps * per_step, "val_rows": args.val_rows, "train_seconds": train_s,
            "threads": args.threads, "teacher_val_lm_loss": teacher_val,

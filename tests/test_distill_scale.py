@@ -249,6 +249,10 @@ def test_training_only_the_changed_layers_leaves_the_teachers_own_layers_as_they
     with pytest.raises(ValueError, match="layers must be"):
         hierarchical_distill(adapter_for(copy.deepcopy(student)), adapter_for(teacher), train, prov, steps=1,
                              layers="merged")
+    same = copy.deepcopy(teacher)  # every layer the teacher's own: "changed" has nothing to train
+    with pytest.raises(ValueError, match="nothing to train"):
+        hierarchical_distill(adapter_for(same), adapter_for(teacher), train, list(range(len(adapter_for(same).layers))),
+                             steps=1, layers="changed")
 
 
 def test_early_stopping_stops_after_patience_evaluations_without_a_new_best():
