@@ -519,9 +519,8 @@ def hierarchical_distill(student: Adapter, teacher: Adapter, tokens: torch.Tenso
     joint = _Joint(student, teacher, provenance, mse, kl, grad_checkpoint, scale_rows, batch_size, ce=ce)
     model = student.model
     own = teachers_own_layers(student, teacher, provenance) if schedule == "layerwise" or layers == "changed" else set()
-    frozen = own if layers == "changed" else set()
-    named = {f"layers.{k}.{nm}": p for k, layer in enumerate(student.layers) if k not in frozen
-             for nm, p in layer.named_parameters()}
+    trained = [k for k in range(len(student.layers)) if layers == "all" or k not in own]
+    named = {f"layers.{k}.{nm}": p for k in trained for nm, p in student.layers[k].named_parameters()}
     if not named:
         raise ValueError("layers='changed': every student layer is the teacher's own, nothing to train")
     ck = None
@@ -587,7 +586,7 @@ def hierarchical_distill(student: Adapter, teacher: Adapter, tokens: torch.Tenso
             "joint_steps": jsteps, "layers": phases, "resumed": resumed,
             "checkpoints_written": ck.saves if ck is not None else 0, "peak_memory_bytes": peak,
             "settings": {"lr": lr, "batch_size": batch_size, "seed": seed, "weights": {"mse": mse, "kl": kl},
-                         "layers": layers, "trained_layers": sorted({int(k.split(".")[1]) for k in named}),
+                         "layers": layers, "trained_layers": trained,
                          "rows": n, "seq_len": T, "grad_checkpoint": grad_checkpoint, "eval_every": eval_every,
                          "patience": patience}}
 
