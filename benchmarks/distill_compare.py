@@ -59,7 +59,8 @@ def plot(folder: Path) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(7.5, 8))
+    colours = iter(plt.get_cmap("tab20").colors)  # more runs than the default cycle's 10 colours
     shapes, dense, sources = set(), set(), set()
     for f in sorted(folder.glob("*.json")):
         d = json.loads(f.read_text())
@@ -72,10 +73,12 @@ def plot(folder: Path) -> int:
         xs = [c["tokens"] / 1000 for c in d["curve"]]
         ys = [math.exp(c["val_lm_loss"]) for c in d["curve"]]
         only = "" if d.get("layers", "all") == "all" else f", {d['layers']} layers only"
+        temp = f", T {d['temperature']:g}" if "temperature" in d else ""
         if d.get("schedule") == "layerwise":
             only += f", after {d['layer_steps']} layer-wise steps per layer"
-        ax.plot(xs, ys, marker="o", ms=3, label=f"{d.get('label') or Path(d['student']).name} + {d['loss']}{only} "
-                                                 f"(lr {d['lr']:g}; WikiText-2 {d['ppl']:.1f})")
+        name = d.get('label') or Path(d['student']).name
+        ax.plot(xs, ys, marker="o", ms=3, color=next(colours, None), ls="--" if "ShortGPT" in name else "-",
+                label=f"{name} + {d['loss']}{only} (lr {d['lr']:g}{temp}; WikiText-2 {d['ppl']:.1f})")
     for loss in sorted(dense):
         ax.axhline(math.exp(loss), color="grey", ls="--", lw=1)
         ax.annotate(f"dense model {math.exp(loss):.1f}", (0, math.exp(loss)), textcoords="offset points",
@@ -84,7 +87,7 @@ def plot(folder: Path) -> int:
     ax.set_ylabel(f"held-out {' / '.join(sorted(sources))} perplexity ({', '.join(sorted(shapes))})", fontsize=9)
     ax.set_title("SmolLM2-135M at 30%: held-out perplexity while training")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1))  # below: the curves stay visible
     fig.tight_layout()
     out = folder / "curves.png"
     fig.savefig(out.with_suffix(".tmp.png"), dpi=120)
@@ -103,6 +106,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--temperature", type=float, default=1.0, help="the KL term's temperature T (T^2 KL at T)")
     ap.add_argument("--val-rows", type=int, default=8)
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--tasks", default="", help="comma-separated dev-slice tasks after training (e.g. piqa,hellaswag)")
@@ -164,6 +168,7 @@ def main(argv=None) -> int:
                 if args.schedule == "layerwise" else dict(steps=args.steps))
     rep = hierarchical_distill(adapter_for(student), adapter_for(teacher), train, prov, lr=args.lr,
                                batch_size=args.batch, val_tokens=val, progress=monitor, layers=args.layers,
+                               temperature=args.temperature,
                                **schedule, **LOSSES[args.loss])
     train_s = time.perf_counter() - t1
     del teacher
@@ -176,6 +181,7 @@ def main(argv=None) -> int:
                "layerwise_seconds": joint_start[0] if joint_start else None}
               if args.schedule == "layerwise" else {}),
            "steps": args.steps, "batch": args.batch, "seq_len": args.seq_len, "lr": args.lr,
+           **({"temperature": args.temperature} if args.temperature != 1.0 else {}),
            "tokens": args.steps * per_step, "val_rows": args.val_rows, "train_seconds": train_s,
            "threads": args.threads, "teacher_val_lm_loss": teacher_val,
            "objective_before": rep["loss_before"], "objective_after": rep["loss_after"], "curve": curve,

@@ -210,7 +210,8 @@ def compress(model, ratio: float | None = None, method: str = "come", calib=None
     from the original model along the provenance (come_fast.posttrain; options
     ``distill_lr`` 1e-4, ``distill_mse`` 1.0, ``distill_kl`` 1.0, ``distill_ce`` 0.0
     (next-token cross-entropy on the rows; with ``distill_mse=0, distill_kl=0``
-    it is plain LM fine-tuning, no teacher run),
+    it is plain LM fine-tuning, no teacher run), ``distill_temperature`` 1.0 (the
+    KL term's T: T^2 KL of both distributions softened by T),
     ``distill_batch`` = batch_size) on the calibration rows, or on
     ``distill_data`` (any ``calib`` source, cut into rows of ``seq_len``; its
     first ``distill_val_rows`` rows, default 8, held apart: their loss is

@@ -150,7 +150,7 @@ def _compress(args) -> int:
     if args.method not in methods.available():
         raise ValueError(f"unknown method {args.method!r}; available: {', '.join(methods.available())}")
     options = dict(_parse_kv(t) for t in args.option or [])
-    methods.check_options(args.method, options)  # before the model loads
+    api.split_options(args.method, options)  # the method's, ls_* and distill_* options, before the model loads
     calib = _calib_source(args)
     t0 = time.perf_counter()
     offload = getattr(args, "offload", None)

@@ -12,7 +12,9 @@ next-token distributions are matched with a KL loss:
 ``ce`` (default 0) adds the student's own next-token cross-entropy on the rows
 (the KL then covers the positions that have a next token); ``mse=kl=0, ce=1``
 is plain LM fine-tuning of the compressed model, the baseline distillation is
-measured against (no teacher run per batch).
+measured against (no teacher run per batch). ``temperature`` T (default 1)
+softens both distributions in the KL term: T^2 KL(softmax(t/T) || softmax(s/T)),
+the T^2 keeping its gradient's scale (Hinton et al.).
 
 Each layer's term is divided by the teacher target's mean square (taken once,
 before training, over the validation rows, or over the first 64 training rows
@@ -110,6 +112,7 @@ OPTION_VALIDATORS: dict[str, _m.Validator] = {
                                    "a folder path"),
     "distill_save_every": _m.positive_int,
     "distill_grad_checkpoint": _m.boolean,
+    "distill_temperature": _m.number(0, lo_open=True),
 }
 
 
@@ -233,6 +236,7 @@ class DistillPlan:
     resume: Optional[str] = None
     save_every: int = DEFAULT_SAVE_EVERY
     grad_checkpoint: bool = False
+    temperature: float = 1.0
     # after prepare()
     train: Optional[torch.Tensor] = field(default=None, repr=False)
     val: Optional[torch.Tensor] = field(default=None, repr=False)
@@ -275,7 +279,7 @@ class DistillPlan:
         provenance and the student's weights (known after compression)."""
         return run_settings(schedule=self.schedule, group=self.group, steps=self.run_steps,
                             joint_steps=self.joint_steps, lr=self.lr, mse=self.mse, kl=self.kl, ce=self.ce,
-                            batch=self.batch,
+                            batch=self.batch, temperature=self.temperature,
                             seed=seed, eval_every=self.eval_every, patience=self.patience, train=self.train,
                             val=self.val, teacher_layers=teacher_layers)
 
@@ -295,11 +299,12 @@ class DistillPlan:
             batch_size=self.batch, seed=seed, progress=progress, val_tokens=self.val, eval_every=self.eval_every or 0,
             patience=self.patience, schedule=self.schedule, group=self.group, joint_steps=self.joint_steps,
             resume=self.resume, save_every=self.save_every, grad_checkpoint=self.grad_checkpoint,
-            cache_bytes=cache_bytes, token_budget=self.tokens)
+            cache_bytes=cache_bytes, token_budget=self.tokens, temperature=self.temperature)
 
     def settings(self, rep: dict) -> dict:
         """What compress records under ``settings["distill"]``."""
-        return {"steps": rep["steps"], "lr": self.lr, "mse": self.mse, "kl": self.kl, "ce": self.ce, "batch": self.batch,
+        return {"steps": rep["steps"], "lr": self.lr, "mse": self.mse, "kl": self.kl, "ce": self.ce,
+                "temperature": self.temperature, "batch": self.batch,
                 "schedule": self.schedule, "data": _describe_source(self.data), "tokens": rep["tokens"],
                 "val_rows": int(self.val.shape[0]), "eval_every": self.eval_every, "patience": self.patience,
                 "grad_checkpoint": self.grad_checkpoint, "resume": self.resume,
@@ -338,11 +343,13 @@ def plan_distill(dopts: dict, steps: int, batch_size: int) -> Optional[DistillPl
                        tokens=o.get("tokens"), eval_every=o.get("eval_every"), patience=o.get("patience"),
                        schedule=o.get("schedule", "joint"), group=o.get("group", 1),
                        joint_steps=o.get("joint_steps"), save_every=o.get("save_every", DEFAULT_SAVE_EVERY),
-                       grad_checkpoint=o.get("grad_checkpoint", False))
+                       grad_checkpoint=o.get("grad_checkpoint", False), temperature=float(o.get("temperature", 1.0)))
     plan.val_rows = o.get("val_rows", DEFAULT_VAL_ROWS if plan.data is not None else 0)
     plan.resume = os.fspath(o["resume"]) if "resume" in o else None
     if plan.mse == 0 and plan.kl == 0 and plan.ce == 0:
         raise ValueError("distill_mse, distill_kl and distill_ce are all 0: no loss to train on")
+    if plan.temperature != 1.0 and plan.kl == 0:
+        raise ValueError("distill_temperature softens the KL term only, and distill_kl is 0")
     if (plan.eval_every or plan.patience) and not plan.val_rows:
         raise ValueError("distill_eval_every and distill_patience need held-apart rows: distill_val_rows >= 1 "
                          "(default 8 with distill_data, 0 on the calibration rows)")
@@ -405,7 +412,8 @@ class _Joint:
     """The joint loss on rows of tokens, the teacher run per batch."""
 
     def __init__(self, student: Adapter, teacher: Adapter, provenance: list, mse: float, kl: float,
-                 grad_checkpoint: bool, scale_rows: torch.Tensor, batch_size: int, ce: float = 0.0):
+                 grad_checkpoint: bool, scale_rows: torch.Tensor, batch_size: int, ce: float = 0.0,
+                 temperature: float = 1.0):
         self.s, self.t = student, teacher
         self.want = [last_original(p) for p in provenance]
         L = len(teacher.layers)
@@ -414,7 +422,7 @@ class _Joint:
         self.keep = sorted(set(self.want))
         self.mse, self.kl, self.ce, self.gc = mse, kl, ce, grad_checkpoint
         self.device = next(student.model.parameters()).device
-        self.weights = LossWeights(mse=mse, kl=kl, ce=ce)
+        self.weights = LossWeights(mse=mse, kl=kl, ce=ce, temperature=temperature)
         # per student layer: the root mean square of its target over the scale rows
         T = scale_rows.shape[1]
         self.pos = torch.arange(T, device=self.device)[None]
@@ -468,10 +476,13 @@ def joint_steps_of(schedule: str, steps: int, joint_steps: Optional[int]) -> int
 
 
 def run_settings(*, schedule, group, steps, joint_steps, lr, mse, kl, batch, seed, eval_every, patience, ce=0.0,
-                 train: torch.Tensor, val: Optional[torch.Tensor], teacher_layers: int, layers: str = "all") -> dict:
+                 train: torch.Tensor, val: Optional[torch.Tensor], teacher_layers: int, layers: str = "all",
+                 temperature: float = 1.0) -> dict:
     """What makes two distillation runs the same run, less the provenance and the starting weights."""
     layerwise = schedule == "layerwise"
     only = {"layers": layers} if layers != "all" else {}  # earlier runs' keys stay as they were
+    if temperature != 1.0:
+        only["temperature"] = float(temperature)
     return {**only, "schedule": schedule, "group": group if layerwise else None, "steps": steps,
             "joint_steps": joint_steps_of(schedule, steps, joint_steps) if layerwise else None,
             "lr": float(lr), "mse": float(mse), "kl": float(kl), "ce": float(ce), "batch": batch, "seed": seed,
@@ -492,14 +503,15 @@ def hierarchical_distill(student: Adapter, teacher: Adapter, tokens: torch.Tenso
                          group: int = 1, joint_steps: Optional[int] = None, resume=None,
                          save_every: int = DEFAULT_SAVE_EVERY, grad_checkpoint: bool = False,
                          cache_bytes: Optional[int] = None, token_budget: Optional[int] = None,
-                         layers: str = "all") -> dict:
+                         layers: str = "all", temperature: float = 1.0) -> dict:
     """Train the student's decoder layers in place on the rows ``tokens`` [n, T];
     returns a report: the loss before and after (on ``val_tokens`` when given,
     else on the training rows), the validation losses, the tokens seen, seconds,
     settings. See the module docstring for the schedules and options.
     ``layers``: "all" trains every decoder layer; "changed" only those that are
     not the teacher's own layer alone in its span (merged or compensated ones),
-    the others stay as the teacher has them."""
+    the others stay as the teacher has them. ``temperature`` T: the KL term is
+    T^2 KL(teacher/T || student/T) (1: the plain KL)."""
     t0 = time.perf_counter()
     if len(provenance) != len(student.layers):
         raise ValueError(f"provenance has {len(provenance)} entries for {len(student.layers)} student layers")
@@ -507,6 +519,8 @@ def hierarchical_distill(student: Adapter, teacher: Adapter, tokens: torch.Tenso
         raise ValueError(f"distill_steps must be at least 1, got {steps}")
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
     if layers not in ("all", "changed"):
         raise ValueError(f"layers must be 'all' or 'changed', got {layers!r}")
     if (eval_every or patience) and (val_tokens is None or val_tokens.shape[0] == 0):
@@ -516,7 +530,8 @@ def hierarchical_distill(student: Adapter, teacher: Adapter, tokens: torch.Tenso
     jsteps = joint_steps_of(schedule, steps, joint_steps)
     n = int(tokens.shape[0])
     scale_rows = val if val is not None else tokens[:SCALE_ROWS]
-    joint = _Joint(student, teacher, provenance, mse, kl, grad_checkpoint, scale_rows, batch_size, ce=ce)
+    joint = _Joint(student, teacher, provenance, mse, kl, grad_checkpoint, scale_rows, batch_size, ce=ce,
+                   temperature=temperature)
     model = student.model
     own = teachers_own_layers(student, teacher, provenance) if schedule == "layerwise" or layers == "changed" else set()
     trained = [k for k in range(len(student.layers)) if layers == "all" or k not in own]
@@ -527,7 +542,8 @@ def hierarchical_distill(student: Adapter, teacher: Adapter, tokens: torch.Tenso
     if resume is not None:
         settings = run_settings(schedule=schedule, group=group, steps=steps, joint_steps=joint_steps, lr=lr, mse=mse,
                                 kl=kl, ce=ce, batch=batch_size, seed=seed, eval_every=eval_every, patience=patience,
-                                train=tokens, val=val, teacher_layers=len(teacher.layers), layers=layers)
+                                train=tokens, val=val, teacher_layers=len(teacher.layers), layers=layers,
+                                temperature=temperature)
         ck = RunCheckpoint(resume, run_key(settings, provenance, student), named, every=save_every)
         resumed = ck.load()  # another run's folder raises here: nothing trained, nothing written
     else:
@@ -585,7 +601,8 @@ def hierarchical_distill(student: Adapter, teacher: Adapter, tokens: torch.Tenso
                        "val_rows": 0 if val is None else int(val.shape[0]), "seq_len": T},
             "joint_steps": jsteps, "layers": phases, "resumed": resumed,
             "checkpoints_written": ck.saves if ck is not None else 0, "peak_memory_bytes": peak,
-            "settings": {"lr": lr, "batch_size": batch_size, "seed": seed, "weights": {"mse": mse, "kl": kl},
+            "settings": {"lr": lr, "batch_size": batch_size, "seed": seed,
+                         "weights": {"mse": mse, "kl": kl, "ce": ce, "temperature": temperature},
                          "layers": layers, "trained_layers": trained,
                          "rows": n, "seq_len": T, "grad_checkpoint": grad_checkpoint, "eval_every": eval_every,
                          "patience": patience}}

@@ -230,6 +230,33 @@ def test_plain_fine_tuning_is_the_models_own_lm_loss_and_runs_no_teacher(teacher
     assert rep2["loss_before"] == pytest.approx(before + kl, rel=1e-5)
 
 
+@pytest.mark.parametrize("T", [1.0, 2.0, 0.5])
+def test_kl_temperature_is_t_squared_kl_of_the_softened_distributions(teacher, merged, T):
+    student, prov = merged
+    val = tokens(n=4, T=16, seed=6)
+    rep = hierarchical_distill(adapter_for(copy.deepcopy(student)), adapter_for(teacher), tokens(n=4, T=16, seed=7),
+                               prov, steps=1, lr=1e-9, batch_size=2, val_tokens=val, mse=0.0, kl=1.0,
+                               temperature=T)
+    with torch.inference_mode():
+        ls = student(val, use_cache=False).logits.double() / T
+        lt = teacher(val, use_cache=False).logits.double() / T
+    p_t = lt.softmax(-1)
+    by_hand = T * T * float((p_t * (lt.log_softmax(-1) - ls.log_softmax(-1))).sum(-1).mean())
+    assert rep["loss_before"] == pytest.approx(by_hand, rel=1e-5)
+    assert rep["settings"]["weights"]["temperature"] == T
+
+
+def test_compress_records_the_temperature_and_a_resume_of_another_temperature_is_refused(teacher, tmp_path):
+    calib = tokens(n=8, T=16)
+    res = come_fast.compress(copy.deepcopy(teacher), target_layers=4, calib=calib, compensate=None, distill_steps=2,
+                             distill_temperature=2.0, distill_resume=tmp_path / "run")
+    rep = next(s["distillation"] for s in res.report if isinstance(s, dict) and "distillation" in s)
+    assert rep["settings"]["weights"]["temperature"] == 2.0
+    with pytest.raises(ResumeError, match="temperature"):
+        come_fast.compress(copy.deepcopy(teacher), target_layers=4, calib=calib, compensate=None, distill_steps=2,
+                           distill_resume=tmp_path / "run")
+
+
 def test_training_only_the_changed_layers_leaves_the_teachers_own_layers_as_they_are(teacher, merged):
     student, prov = merged
     own = [k for k, p in enumerate(prov) if isinstance(p, int)]  # kept whole, no compensation in the fixture
@@ -565,6 +592,8 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_keeps_less(teacher,
     ({"distill_save_every": 5}, "distill_resume"),
     ({"distill_mse": 0, "distill_kl": 0}, "no loss"),
     ({"distill_ce": -1}, "distill_ce"),
+    ({"distill_temperature": 0}, "distill_temperature"),
+    ({"distill_temperature": 2.0, "distill_kl": 0, "distill_ce": 1}, "distill_temperature.*KL"),
 ])
 def test_bad_distillation_input_is_one_clear_error_before_any_work(teacher, opts, words, monkeypatch):
     monkeypatch.setitem(methods.REGISTRY, "come", lambda ctx, n: pytest.fail("compressed before the check"))
@@ -603,14 +632,20 @@ def test_cli_distill_flags(tmp_path, capsys):
                  "--distill-steps", "4", "--distill-lr", "1e-3", "--distill-data", str(tmp_path / "d.safetensors"),
                  "--distill-val-rows", "2", "--distill-eval-every", "2", "--distill-schedule", "layerwise",
                  "--distill-joint-steps", "2", "--distill-resume", str(tmp_path / "ck"), "--distill-grad-checkpoint",
-                 "--out", str(tmp_path / "o"), "--quiet", "--compensate", "none"])
+                 "--option", "distill_temperature=2", "--out", str(tmp_path / "o"), "--quiet", "--compensate", "none"])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "distillation (layerwise)" in out and "validation loss by tokens seen: 0:" in out
     meta = json.loads((tmp_path / "o" / "come_fast.json").read_text())
     s = meta["settings"]["distill"]
     assert s["schedule"] == "layerwise" and s["joint_steps"] == 2 and s["grad_checkpoint"] and s["val_rows"] == 2
+    assert s["temperature"] == 2.0
     assert (tmp_path / "ck" / RunCheckpoint.FILE).is_file()
     code = main(["compress", "--model", str(d), "--target-layers", "4", "--calib", str(tmp_path / "c.safetensors"),
                  "--distill-steps", "2", "--distill-tokens", "0", "--out", str(tmp_path / "x"), "--quiet"])
     assert code == 2 and "--distill-tokens" in capsys.readouterr().err
+    for bad, words in (("distill_kl=-1", "distill_kl=-1"), ("distill_foo=1", "unknown distillation option")):
+        code = main(["compress", "--model", str(d), "--target-layers", "4", "--calib", str(tmp_path / "c.safetensors"),
+                     "--distill-steps", "2", "--option", bad, "--out", str(tmp_path / "y"), "--quiet"])
+        assert code == 2 and words in capsys.readouterr().err
+        assert not (tmp_path / "y").exists()
