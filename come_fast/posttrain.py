@@ -73,7 +73,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -519,8 +519,8 @@ def hierarchical_distill(student: Adapter, teacher: Adapter, tokens: torch.Tenso
         raise ValueError(f"distill_steps must be at least 1, got {steps}")
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    if not (temperature > 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    if not OPTION_VALIDATORS["distill_temperature"](temperature):
+        raise ValueError(f"temperature must be {OPTION_VALIDATORS['distill_temperature'].accepts}, got {temperature!r}")
     if layers not in ("all", "changed"):
         raise ValueError(f"layers must be 'all' or 'changed', got {layers!r}")
     if (eval_every or patience) and (val_tokens is None or val_tokens.shape[0] == 0):
@@ -602,7 +602,7 @@ def hierarchical_distill(student: Adapter, teacher: Adapter, tokens: torch.Tenso
             "joint_steps": jsteps, "layers": phases, "resumed": resumed,
             "checkpoints_written": ck.saves if ck is not None else 0, "peak_memory_bytes": peak,
             "settings": {"lr": lr, "batch_size": batch_size, "seed": seed,
-                         "weights": {"mse": mse, "kl": kl, "ce": ce, "temperature": temperature},
+                         "weights": asdict(joint.weights),
                          "layers": layers, "trained_layers": trained,
                          "rows": n, "seq_len": T, "grad_checkpoint": grad_checkpoint, "eval_every": eval_every,
                          "patience": patience}}
