@@ -212,6 +212,8 @@ def compress(model, ratio: float | None = None, method: str = "come", calib=None
     (next-token cross-entropy on the rows; with ``distill_mse=0, distill_kl=0``
     it is plain LM fine-tuning, no teacher run), ``distill_temperature`` 1.0 (the
     KL term's T: T^2 KL of both distributions softened by T),
+    ``distill_autocast`` None ("bfloat16": the training steps in mixed
+    precision, the weights and optimizer state as they are),
     ``distill_batch`` = batch_size) on the calibration rows, or on
     ``distill_data`` (any ``calib`` source, cut into rows of ``seq_len``; its
     first ``distill_val_rows`` rows, default 8, held apart: their loss is

@@ -36,7 +36,7 @@ import json
 import math
 import os
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional
@@ -252,13 +252,23 @@ def loss_terms(out: dict, w: LossWeights) -> dict:
     return terms
 
 
+AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16}  # float16 would need loss scaling, which distill() has not
+
+
+def mixed_precision(dtype: Optional[torch.dtype], device: torch.device):
+    """``torch.autocast`` on ``device`` in ``dtype``, or nothing when ``dtype`` is None."""
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
 def distill(forward: Callable[[torch.Tensor], dict], params: Iterable[torch.nn.Parameter], n: int, *,
             steps: int = 100, lr: float = 1e-4, weight_decay: float = 0.0, batch_size: int = 2,
             weights: Optional[LossWeights] = None, schedule: str = "cosine", warmup: int = 0,
             grad_clip: Optional[float] = 1.0, seed: int = 0, progress: bool | Callable = False,
             label: str = "distill", validate: Optional[Callable[[], float]] = None, eval_every: int = 0,
             patience: Optional[int] = None, checkpoint: Optional[RunCheckpoint] = None,
-            phase: Optional[str] = None) -> DistillReport:
+            phase: Optional[str] = None, autocast: Optional[torch.dtype] = None) -> DistillReport:
     """Train ``params`` for ``steps`` AdamW steps on batches of the ``n`` examples.
 
     ``forward(idx)`` (idx: LongTensor of example indices) returns a dict with
@@ -275,6 +285,11 @@ def distill(forward: Callable[[torch.Tensor], dict], params: Iterable[torch.nn.P
     parameters are those of the step it stopped at). ``checkpoint``: a
     ``RunCheckpoint`` to write every ``checkpoint.every`` steps and to
     continue from when it holds this ``phase`` (default ``label``) of the run.
+    ``autocast`` (e.g. ``torch.bfloat16``): each step's forward and loss run
+    under ``torch.autocast`` in that dtype (mixed precision: the parameters,
+    their gradients and the AdamW state stay as they are; on this project's
+    CPU, bfloat16 makes a SmolLM2 step 2.3x faster); ``validate`` is not
+    affected.
     """
     w = weights or LossWeights()
     params = [p for p in params if p.requires_grad]
@@ -338,7 +353,8 @@ def distill(forward: Callable[[torch.Tensor], dict], params: Iterable[torch.nn.P
             pos += batch_size
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
-            terms = loss_terms(forward(idx), w)
+            with mixed_precision(autocast, params[0].device):
+                terms = loss_terms(forward(idx), w)
             loss = sum(terms.values())
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -370,7 +386,9 @@ def distill(forward: Callable[[torch.Tensor], dict], params: Iterable[torch.nn.P
                          loss_last=history[-1] if history else float("nan"), history=history,
                          weights=asdict(w), settings={"lr": lr, "weight_decay": weight_decay, "batch_size": batch_size,
                                                       "schedule": schedule, "warmup": warmup, "grad_clip": grad_clip,
-                                                      "seed": seed},
+                                                      "seed": seed,
+                                                      **({"autocast": str(autocast).replace("torch.", "")}
+                                                         if autocast is not None else {})},
                          validation=validation, stopped_early=stopped, resumed_from=start if saved is not None else None)
 
 

@@ -83,7 +83,7 @@ from . import methods as _m
 from .adapters import Adapter
 from .calibration import CalibrationError, calibration_tokens, run_layers
 from .compensate import spans
-from .distill import LossWeights, ResumeError, RunCheckpoint, distill, evaluate_loss, fingerprint, training_only
+from .distill import AUTOCAST_DTYPES, LossWeights, ResumeError, RunCheckpoint, distill, evaluate_loss, fingerprint, training_only
 
 SCHEDULES = ("joint", "layerwise")
 SCALE_ROWS = 64  # training rows the target scales are taken over when there are no validation rows
@@ -113,6 +113,7 @@ OPTION_VALIDATORS: dict[str, _m.Validator] = {
     "distill_save_every": _m.positive_int,
     "distill_grad_checkpoint": _m.boolean,
     "distill_temperature": _m.number(0, lo_open=True),
+    "distill_autocast": _m.one_of(*AUTOCAST_DTYPES),
 }
 
 
@@ -237,6 +238,7 @@ class DistillPlan:
     save_every: int = DEFAULT_SAVE_EVERY
     grad_checkpoint: bool = False
     temperature: float = 1.0
+    autocast: Optional[str] = None
     # after prepare()
     train: Optional[torch.Tensor] = field(default=None, repr=False)
     val: Optional[torch.Tensor] = field(default=None, repr=False)
@@ -279,7 +281,7 @@ class DistillPlan:
         provenance and the student's weights (known after compression)."""
         return run_settings(schedule=self.schedule, group=self.group, steps=self.run_steps,
                             joint_steps=self.joint_steps, lr=self.lr, mse=self.mse, kl=self.kl, ce=self.ce,
-                            batch=self.batch, temperature=self.temperature,
+                            batch=self.batch, temperature=self.temperature, autocast=self.autocast,
                             seed=seed, eval_every=self.eval_every, patience=self.patience, train=self.train,
                             val=self.val, teacher_layers=teacher_layers)
 
@@ -299,12 +301,13 @@ class DistillPlan:
             batch_size=self.batch, seed=seed, progress=progress, val_tokens=self.val, eval_every=self.eval_every or 0,
             patience=self.patience, schedule=self.schedule, group=self.group, joint_steps=self.joint_steps,
             resume=self.resume, save_every=self.save_every, grad_checkpoint=self.grad_checkpoint,
-            cache_bytes=cache_bytes, token_budget=self.tokens, temperature=self.temperature)
+            cache_bytes=cache_bytes, token_budget=self.tokens, temperature=self.temperature,
+            autocast=self.autocast)
 
     def settings(self, rep: dict) -> dict:
         """What compress records under ``settings["distill"]``."""
         return {"steps": rep["steps"], "lr": self.lr, "mse": self.mse, "kl": self.kl, "ce": self.ce,
-                "temperature": self.temperature, "batch": self.batch,
+                "temperature": self.temperature, "autocast": self.autocast, "batch": self.batch,
                 "schedule": self.schedule, "data": _describe_source(self.data), "tokens": rep["tokens"],
                 "val_rows": int(self.val.shape[0]), "eval_every": self.eval_every, "patience": self.patience,
                 "grad_checkpoint": self.grad_checkpoint, "resume": self.resume,
@@ -343,7 +346,8 @@ def plan_distill(dopts: dict, steps: int, batch_size: int) -> Optional[DistillPl
                        tokens=o.get("tokens"), eval_every=o.get("eval_every"), patience=o.get("patience"),
                        schedule=o.get("schedule", "joint"), group=o.get("group", 1),
                        joint_steps=o.get("joint_steps"), save_every=o.get("save_every", DEFAULT_SAVE_EVERY),
-                       grad_checkpoint=o.get("grad_checkpoint", False), temperature=float(o.get("temperature", 1.0)))
+                       grad_checkpoint=o.get("grad_checkpoint", False), temperature=float(o.get("temperature", 1.0)),
+                       autocast=o.get("autocast"))
     plan.val_rows = o.get("val_rows", DEFAULT_VAL_ROWS if plan.data is not None else 0)
     plan.resume = os.fspath(o["resume"]) if "resume" in o else None
     if plan.mse == 0 and plan.kl == 0 and plan.ce == 0:
@@ -477,12 +481,14 @@ def joint_steps_of(schedule: str, steps: int, joint_steps: Optional[int]) -> int
 
 def run_settings(*, schedule, group, steps, joint_steps, lr, mse, kl, batch, seed, eval_every, patience, ce=0.0,
                  train: torch.Tensor, val: Optional[torch.Tensor], teacher_layers: int, layers: str = "all",
-                 temperature: float = 1.0) -> dict:
+                 temperature: float = 1.0, autocast: Optional[str] = None) -> dict:
     """What makes two distillation runs the same run, less the provenance and the starting weights."""
     layerwise = schedule == "layerwise"
     only = {"layers": layers} if layers != "all" else {}  # earlier runs' keys stay as they were
     if temperature != 1.0:
         only["temperature"] = float(temperature)
+    if autocast is not None:
+        only["autocast"] = autocast
     return {**only, "schedule": schedule, "group": group if layerwise else None, "steps": steps,
             "joint_steps": joint_steps_of(schedule, steps, joint_steps) if layerwise else None,
             "lr": float(lr), "mse": float(mse), "kl": float(kl), "ce": float(ce), "batch": batch, "seed": seed,
@@ -503,7 +509,7 @@ def hierarchical_distill(student: Adapter, teacher: Adapter, tokens: torch.Tenso
                          group: int = 1, joint_steps: Optional[int] = None, resume=None,
                          save_every: int = DEFAULT_SAVE_EVERY, grad_checkpoint: bool = False,
                          cache_bytes: Optional[int] = None, token_budget: Optional[int] = None,
-                         layers: str = "all", temperature: float = 1.0) -> dict:
+                         layers: str = "all", temperature: float = 1.0, autocast: Optional[str] = None) -> dict:
     """Train the student's decoder layers in place on the rows ``tokens`` [n, T];
     returns a report: the loss before and after (on ``val_tokens`` when given,
     else on the training rows), the validation losses, the tokens seen, seconds,
@@ -511,7 +517,10 @@ def hierarchical_distill(student: Adapter, teacher: Adapter, tokens: torch.Tenso
     ``layers``: "all" trains every decoder layer; "changed" only those that are
     not the teacher's own layer alone in its span (merged or compensated ones),
     the others stay as the teacher has them. ``temperature`` T: the KL term is
-    T^2 KL(teacher/T || student/T) (1: the plain KL)."""
+    T^2 KL(teacher/T || student/T) (1: the plain KL). ``autocast="bfloat16"``:
+    the training steps' forward passes (teacher and student) and losses run in
+    mixed precision (``come_fast.distill.distill``'s ``autocast``); the
+    held-apart and before/after losses stay in the model's dtype."""
     t0 = time.perf_counter()
     if len(provenance) != len(student.layers):
         raise ValueError(f"provenance has {len(provenance)} entries for {len(student.layers)} student layers")
@@ -523,6 +532,9 @@ def hierarchical_distill(student: Adapter, teacher: Adapter, tokens: torch.Tenso
         raise ValueError(f"temperature must be {OPTION_VALIDATORS['distill_temperature'].accepts}, got {temperature!r}")
     if layers not in ("all", "changed"):
         raise ValueError(f"layers must be 'all' or 'changed', got {layers!r}")
+    if autocast is not None and not OPTION_VALIDATORS["distill_autocast"](autocast):
+        raise ValueError(f"autocast must be {OPTION_VALIDATORS['distill_autocast'].accepts} or None, got {autocast!r}")
+    amp = AUTOCAST_DTYPES[autocast] if autocast is not None else None
     if (eval_every or patience) and (val_tokens is None or val_tokens.shape[0] == 0):
         raise ValueError("eval_every and patience need validation rows (val_tokens)")
     val = val_tokens if val_tokens is not None and val_tokens.shape[0] else None
@@ -543,7 +555,7 @@ def hierarchical_distill(student: Adapter, teacher: Adapter, tokens: torch.Tenso
         settings = run_settings(schedule=schedule, group=group, steps=steps, joint_steps=joint_steps, lr=lr, mse=mse,
                                 kl=kl, ce=ce, batch=batch_size, seed=seed, eval_every=eval_every, patience=patience,
                                 train=tokens, val=val, teacher_layers=len(teacher.layers), layers=layers,
-                                temperature=temperature)
+                                temperature=temperature, autocast=autocast)
         ck = RunCheckpoint(resume, run_key(settings, provenance, student), named, every=save_every)
         resumed = ck.load()  # another run's folder raises here: nothing trained, nothing written
     else:
@@ -567,7 +579,7 @@ def hierarchical_distill(student: Adapter, teacher: Adapter, tokens: torch.Tenso
                 phases = _layerwise(student, teacher, provenance, tokens, val, steps=steps, lr=lr,
                                     batch_size=batch_size, seed=seed, progress=progress, eval_every=eval_every,
                                     patience=patience, group=group, ck=ck, grad_checkpoint=grad_checkpoint,
-                                    cache_bytes=cache_bytes, teachers_own=own)
+                                    cache_bytes=cache_bytes, teachers_own=own, autocast=amp)
             main = None
             if jsteps:
                 if ck is not None and "joint" in ck.done:
@@ -577,7 +589,7 @@ def hierarchical_distill(student: Adapter, teacher: Adapter, tokens: torch.Tenso
                     rep = distill(full, params, n, steps=jsteps, lr=lr, batch_size=batch_size, weights=joint.weights,
                                   seed=seed, progress=progress, label="distillation steps" if schedule == "joint"
                                   else "joint pass", validate=validate, eval_every=eval_every, patience=patience,
-                                  checkpoint=ck, phase="joint")
+                                  checkpoint=ck, phase="joint", autocast=amp)
                     main = _phase_report(rep, batch_size * T)
                     if ck is not None:
                         ck.finish("joint", main)
@@ -605,7 +617,7 @@ def hierarchical_distill(student: Adapter, teacher: Adapter, tokens: torch.Tenso
                          "weights": asdict(joint.weights),
                          "layers": layers, "trained_layers": trained,
                          "rows": n, "seq_len": T, "grad_checkpoint": grad_checkpoint, "eval_every": eval_every,
-                         "patience": patience}}
+                         "patience": patience, "autocast": autocast}}
 
 
 def _phase_report(rep, tokens_per_step: int) -> dict:
@@ -639,7 +651,8 @@ def _same_layer(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 def _layerwise(student: Adapter, teacher: Adapter, provenance: list, tokens: torch.Tensor,
                val: Optional[torch.Tensor], *, steps: int, lr: float, batch_size: int, seed: int, progress,
                eval_every: int, patience: Optional[int], group: int, ck: Optional[RunCheckpoint],
-               grad_checkpoint: bool, cache_bytes: Optional[int], teachers_own: set) -> list:
+               grad_checkpoint: bool, cache_bytes: Optional[int], teachers_own: set,
+               autocast: Optional[torch.dtype] = None) -> list:
     """Each group of student layers trained alone from the teacher's state at
     the start of its span to the teacher's states at the end of each of its
     layers' spans; the teacher's states of all rows (validation first) are
@@ -715,7 +728,8 @@ def _layerwise(student: Adapter, teacher: Adapter, provenance: list, tokens: tor
                 with training_only(student.model, params):
                     rep = distill(on(nv), params, n, steps=steps, lr=lr, batch_size=batch_size, weights=weights,
                                   seed=seed, progress=progress, label=f"{phase} of {K}", validate=validate,
-                                  eval_every=eval_every, patience=patience, checkpoint=ck, phase=phase)
+                                  eval_every=eval_every, patience=patience, checkpoint=ck, phase=phase,
+                                  autocast=autocast)
                 r = _phase_report(rep, batch_size * T)
                 if ck is not None:
                     ck.finish(phase, r)

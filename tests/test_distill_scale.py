@@ -16,7 +16,7 @@ import come_fast
 from come_fast import methods
 from come_fast.adapters import adapter_for
 from come_fast.compensate import spans
-from come_fast.distill import ResumeError, RunCheckpoint, distill
+from come_fast.distill import LossWeights, ResumeError, RunCheckpoint, distill
 from come_fast.posttrain import (DistillDataError, _Joint, distill_rows, hierarchical_distill, last_original,
                                  plan_distill)
 from tiny import tiny_model, tokens
@@ -253,6 +253,57 @@ def test_compress_records_the_temperature_and_a_resume_of_another_temperature_is
     rep = next(s["distillation"] for s in res.report if isinstance(s, dict) and "distillation" in s)
     assert rep["settings"]["weights"]["temperature"] == 2.0
     with pytest.raises(ResumeError, match="temperature"):
+        come_fast.compress(copy.deepcopy(teacher), target_layers=4, calib=calib, compensate=None, distill_steps=2,
+                           distill_resume=tmp_path / "run")
+
+
+def test_autocast_runs_each_steps_forward_and_loss_in_bfloat16_and_keeps_the_parameters_float32():
+    g = torch.Generator().manual_seed(0)
+    x, w_t = torch.randn(6, 32, generator=g), torch.randn(50, 32, generator=g)
+    w = torch.nn.Parameter(torch.randn(50, 32, generator=g) * 0.5)
+
+    def forward(idx):
+        return {"logits": x[idx] @ w.t(), "logits_target": x[idx] @ w_t.t()}
+
+    def kl(a, b):  # KL(softmax(b) || softmax(a)), mean over rows, in float64
+        a, b = a.double(), b.double()
+        return float((b.softmax(-1) * (b.log_softmax(-1) - a.log_softmax(-1))).sum(-1).mean())
+
+    w0 = w.detach().clone()
+    kl_only = LossWeights(mse=0.0, kl=1.0)
+    rep = distill(forward, [w], 6, steps=1, lr=1e-3, batch_size=6, weights=kl_only, autocast=torch.bfloat16)
+    bf = lambda t: t.bfloat16().float()  # noqa: E731  (autocast's matmul reads and writes bfloat16)
+    by_hand_bf16 = kl(bf(bf(x) @ bf(w0).t()), bf(bf(x) @ bf(w_t).t()))
+    by_hand_fp32 = kl(x @ w0.t(), x @ w_t.t())
+    assert rep.loss_first == pytest.approx(by_hand_bf16, rel=1e-2)
+    assert abs(rep.loss_first - by_hand_bf16) < abs(by_hand_fp32 - by_hand_bf16) / 4  # the bf16 product, not fp32's
+    assert w.dtype == torch.float32 and not torch.equal(w.detach(), w0)
+    assert rep.settings["autocast"] == "bfloat16"
+    assert "autocast" not in distill(forward, [w], 6, steps=1, lr=1e-3, batch_size=6, weights=kl_only).settings
+
+
+def test_hierarchical_distill_autocast_trains_close_to_float32_and_is_recorded_and_checked(teacher, merged, tmp_path):
+    student, prov = merged
+    val, train = tokens(n=4, T=16, seed=6), tokens(n=8, T=16, seed=7)
+    reps = {}
+    for amp in (None, "bfloat16"):
+        s = copy.deepcopy(student)
+        reps[amp] = hierarchical_distill(adapter_for(s), adapter_for(teacher), train, prov, steps=4, lr=1e-3,
+                                         batch_size=2, val_tokens=val, autocast=amp)
+        assert all(p.dtype == torch.float32 for p in s.parameters())
+    assert reps["bfloat16"]["loss_before"] == reps[None]["loss_before"]  # the held-apart loss: not in bf16
+    assert reps["bfloat16"]["loss_first_step"] == pytest.approx(reps[None]["loss_first_step"], rel=2e-2)
+    assert reps["bfloat16"]["loss_first_step"] != reps[None]["loss_first_step"]
+    assert reps["bfloat16"]["loss_after"] == pytest.approx(reps[None]["loss_after"], rel=2e-2)
+    assert reps["bfloat16"]["settings"]["autocast"] == "bfloat16" and reps[None]["settings"]["autocast"] is None
+    with pytest.raises(ValueError, match="autocast"):
+        hierarchical_distill(adapter_for(copy.deepcopy(student)), adapter_for(teacher), train, prov, steps=1,
+                             autocast="float16")
+    calib = tokens(n=8, T=16)
+    res = come_fast.compress(copy.deepcopy(teacher), target_layers=4, calib=calib, compensate=None, distill_steps=2,
+                             distill_autocast="bfloat16", distill_resume=tmp_path / "run")
+    assert res.settings["distill"]["autocast"] == "bfloat16"
+    with pytest.raises(ResumeError, match="autocast"):
         come_fast.compress(copy.deepcopy(teacher), target_layers=4, calib=calib, compensate=None, distill_steps=2,
                            distill_resume=tmp_path / "run")
 
@@ -594,6 +645,7 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_keeps_less(teacher,
     ({"distill_ce": -1}, "distill_ce"),
     ({"distill_temperature": 0}, "distill_temperature"),
     ({"distill_temperature": 2.0, "distill_kl": 0, "distill_ce": 1}, "distill_temperature.*KL"),
+    ({"distill_autocast": "float16"}, "distill_autocast"),
 ])
 def test_bad_distillation_input_is_one_clear_error_before_any_work(teacher, opts, words, monkeypatch):
     monkeypatch.setitem(methods.REGISTRY, "come", lambda ctx, n: pytest.fail("compressed before the check"))
@@ -632,14 +684,15 @@ def test_cli_distill_flags(tmp_path, capsys):
                  "--distill-steps", "4", "--distill-lr", "1e-3", "--distill-data", str(tmp_path / "d.safetensors"),
                  "--distill-val-rows", "2", "--distill-eval-every", "2", "--distill-schedule", "layerwise",
                  "--distill-joint-steps", "2", "--distill-resume", str(tmp_path / "ck"), "--distill-grad-checkpoint",
-                 "--option", "distill_temperature=2", "--out", str(tmp_path / "o"), "--quiet", "--compensate", "none"])
+                 "--option", "distill_temperature=2", "--option", "distill_autocast=bfloat16", "--out", str(tmp_path / "o"),
+                 "--quiet", "--compensate", "none"])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "distillation (layerwise)" in out and "validation loss by tokens seen: 0:" in out
     meta = json.loads((tmp_path / "o" / "come_fast.json").read_text())
     s = meta["settings"]["distill"]
     assert s["schedule"] == "layerwise" and s["joint_steps"] == 2 and s["grad_checkpoint"] and s["val_rows"] == 2
-    assert s["temperature"] == 2.0
+    assert s["temperature"] == 2.0 and s["autocast"] == "bfloat16"
     assert (tmp_path / "ck" / RunCheckpoint.FILE).is_file()
     code = main(["compress", "--model", str(d), "--target-layers", "4", "--calib", str(tmp_path / "c.safetensors"),
                  "--distill-steps", "2", "--distill-tokens", "0", "--out", str(tmp_path / "x"), "--quiet"])
