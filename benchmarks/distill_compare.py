@@ -76,6 +76,8 @@ def plot(folder: Path) -> int:
         ys = [math.exp(c["val_lm_loss"]) for c in d["curve"]]
         only = "" if d.get("layers", "all") == "all" else f", {d['layers']} layers only"
         temp = f", T {d['temperature']:g}" if "temperature" in d else ""
+        temp += ", bfloat16" if d.get("autocast") else ""
+        temp += f", seed {d['seed']}" if d.get("seed") else ""
         if d.get("schedule") == "layerwise":
             only += f", after {d['layer_steps']} layer-wise steps per layer"
         name = d.get('label') or Path(d['student']).name
