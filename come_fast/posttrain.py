@@ -83,7 +83,8 @@ from . import methods as _m
 from .adapters import Adapter
 from .calibration import CalibrationError, calibration_tokens, run_layers
 from .compensate import spans
-from .distill import AUTOCAST_DTYPES, LossWeights, ResumeError, RunCheckpoint, distill, evaluate_loss, fingerprint, training_only
+from .distill import (AUTOCAST_DTYPES, LossWeights, ResumeError, RunCheckpoint, distill, evaluate_loss, fingerprint,
+                      training_only)
 
 SCHEDULES = ("joint", "layerwise")
 SCALE_ROWS = 64  # training rows the target scales are taken over when there are no validation rows
