@@ -38,6 +38,7 @@ import torch
 
 from come_fast import api
 from come_fast.adapters import adapter_for
+from come_fast.distill import AUTOCAST_DTYPES
 from come_fast.eval import evaluate
 from come_fast.models import load_model
 from come_fast.posttrain import distill_rows, hierarchical_distill
@@ -111,7 +112,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--temperature", type=float, default=1.0, help="the KL term's temperature T (T^2 KL at T)")
-    ap.add_argument("--autocast", choices=("bfloat16",), help="mixed-precision training steps (about 2x faster here)")
+    ap.add_argument("--autocast", choices=sorted(AUTOCAST_DTYPES), help="mixed-precision training steps (about 2x faster here)")
     ap.add_argument("--docs", type=int, default=500,
                     help="train on C4 documents 0..N-1 (the first --val-rows rows held apart); default 500")
     ap.add_argument("--rows", type=int,
@@ -186,7 +187,7 @@ def main(argv=None) -> int:
     tasks = ["wikitext2"] + [t for t in args.tasks.split(",") if t]
     ev = evaluate(student, stok or tok, tasks=tasks, data_dir=args.data_dir, limit=200, progress=False)
     out = {"student": args.student, "label": args.label, "loss": args.loss, "weights": LOSSES[args.loss],
-           "data": args.train_text or (C4_ROWS if args.docs == 500 else C4_ROWS.replace("0-499", f"0-{args.docs - 1}")),
+           "data": args.train_text or C4_ROWS.replace("0-499", f"0-{args.docs - 1}"),
            "layers": args.layers, "trained_layers": rep["settings"]["trained_layers"],
            **({"schedule": "layerwise", "layer_steps": args.layer_steps, "layerwise_curve": layer_curve,
                "layerwise_seconds": joint_start[0] if joint_start else None}
